@@ -1,0 +1,130 @@
+"""LearnerActor: the student forward, the chunked divergence to the teacher, the optimizer step.
+
+Its parameters live in a shared flat buffer that the cpu-mode rollout engine maps (cluster/weights.py), so
+the optimizer step *is* the weight update; `export_weights` only says which version that is.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from actors.common import init_process, special_ids
+from cluster import weights
+from kernels.chunked import chunked_divergence, chunked_token_logprobs
+from opd.batch import OutputHead, RolloutBatch, TeacherScores
+from opd.config import Config, resolve_path
+
+
+class LearnerActor:
+    def __init__(self, cfg: Config):
+        init_process(cfg)
+        torch.manual_seed(cfg.train.seed)
+        self.cfg = cfg
+        self.eos_id, self.pad_id, self.vocab_size = special_ids(cfg.model.student)
+        self.model = AutoModelForCausalLM.from_pretrained(resolve_path(cfg.model.student), dtype=torch.float32)
+        self.model.train()
+        self.shared = weights.share_parameters(self.model, f"student-{uuid.uuid4().hex[:8]}")
+        lc = cfg.learner
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lc.lr, betas=lc.adam_betas,
+                                           weight_decay=lc.weight_decay)
+        warmup = lc.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        self.version = 0
+        self.teacher_head: OutputHead | None = None
+        self._exported = False
+
+    def set_teacher_head(self, head: OutputHead) -> None:
+        if head.valid_vocab != self.vocab_size:
+            raise ValueError(f"student and teacher tokenizers differ in size ({self.vocab_size} vs "
+                             f"{head.valid_vocab}): distil between models that share a tokenizer")
+        self.teacher_head = head
+
+    def export_weights(self) -> weights.WeightUpdate:
+        # The first update carries the shared-buffer handle; later ones only the version.
+        update = weights.WeightUpdate(self.version, None if self._exported else self.shared)
+        self._exported = True
+        return update
+
+    def _student_hidden(self, batch: RolloutBatch) -> torch.Tensor:
+        input_ids, attention_mask, positions = batch.padded(self.pad_id)
+        hidden_BTd = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return hidden_BTd.reshape(-1, hidden_BTd.shape[-1])[positions]  # [num_response_tokens, d_s]
+
+    def _divergence(self, h_s: torch.Tensor, scores: TeacherScores):
+        lc = self.cfg.loss
+        n = h_s.shape[0]
+        return chunked_divergence(
+            h_s, self.model.get_output_embeddings().weight, scores.hidden_states, self.teacher_head.weight,
+            torch.ones(n), kind=lc.kind, beta=lc.beta, temperature=lc.temperature, valid_vocab=self.vocab_size,
+            num_tokens=n, chunk_size=lc.chunk_size)
+
+    def train_step(self, batch: RolloutBatch, scores: TeacherScores) -> dict[str, float]:
+        assert self.teacher_head is not None, "set_teacher_head before train_step"
+        batch.check()
+        scores.check(batch)
+        # On-policy contract: the engine sampled with the weights this learner holds now.
+        if batch.policy_version != self.version:
+            raise RuntimeError(f"batch sampled by policy {batch.policy_version}, learner is at {self.version}")
+        start = time.perf_counter()
+        n = batch.num_response_tokens
+        h_s = self._student_hidden(batch)
+        loss, stats = self._divergence(h_s, scores)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.max_grad_norm)
+        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))  # host sync
+        if finite:
+            self.optimizer.step()  # writes the shared buffer in place: the engine sees it at once
+            self.scheduler.step()
+            self.version += 1
+        # Canary: the learner's log-prob of each sampled token must match what the sampler reported.
+        r = self.cfg.rollout
+        gap = float("nan")
+        if r.top_p == 1.0 and r.top_k == 0:
+            learner_logprobs = chunked_token_logprobs(h_s.detach(), self.model.get_output_embeddings().weight,
+                                                      batch.response_ids, temperature=r.temperature,
+                                                      valid_vocab=self.vocab_size)
+            gap = float((learner_logprobs - batch.logprobs).abs().max())
+        lens = batch.response_lens.float()
+        return {
+            "loss": float(loss.detach()),
+            "kl/forward/mean": float(stats[0]) / n,
+            "kl/reverse/mean": float(stats[1]) / n,
+            "entropy/student/mean": float(stats[2]) / n,
+            "grad/norm": float(grad_norm),
+            "step/skipped": float(not finite),
+            "lr": self.scheduler.get_last_lr()[0],
+            "response/length/mean": float(lens.mean()),
+            "response/length/max": float(lens.max()),
+            "response/stop/fraction": sum(f == "stop" for f in batch.finish_reasons) / batch.num_samples,
+            "response/tokens/sum": float(n),
+            "logprob/learner_minus_rollout/absmax": gap,
+            "timing/learner_s": time.perf_counter() - start,
+            "policy/version": float(self.version),
+        }
+
+    @torch.no_grad()
+    def evaluate(self, batch: RolloutBatch, scores: TeacherScores) -> dict[str, float]:
+        """Exact full-vocabulary KL between student and teacher on `batch` (no update)."""
+        self.model.eval()
+        h_s = self._student_hidden(batch)
+        _, stats = self._divergence(h_s, scores)
+        self.model.train()
+        n = batch.num_response_tokens
+        return {"kl/forward/mean": float(stats[0]) / n, "kl/reverse/mean": float(stats[1]) / n,
+                "entropy/student/mean": float(stats[2]) / n,
+                "response/length/mean": float(batch.response_lens.float().mean())}
+
+    def save(self, path: str) -> str:
+        """The student in Hugging Face format (safetensors) with its tokenizer."""
+        self.model.save_pretrained(path, safe_serialization=True)
+        AutoTokenizer.from_pretrained(resolve_path(self.cfg.model.student)).save_pretrained(path)
+        return path
+
+    def shutdown(self) -> None:
+        weights.release(self.shared)

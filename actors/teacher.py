@@ -1,0 +1,39 @@
+"""TeacherActor: one forward pass over prompt + response ids; returns final hidden states at response
+positions (the learner recomputes teacher logits chunk by chunk from these and the frozen output head)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from actors.common import init_process, special_ids
+from actors.engines.hf import HFEngine
+from opd.batch import OutputHead, RolloutBatch, TeacherScores
+from opd.config import Config, resolve_path
+
+
+class TeacherActor:
+    def __init__(self, cfg: Config):
+        init_process(cfg)
+        self.cfg = cfg
+        self.eos_id, self.pad_id, self.vocab_size = special_ids(cfg.model.teacher)
+        self.model = AutoModelForCausalLM.from_pretrained(resolve_path(cfg.model.teacher), dtype=torch.float32)
+        self.model.eval().requires_grad_(False)
+        self.engine = HFEngine(self.model, eos_id=self.eos_id, pad_id=self.pad_id)  # for evaluation only
+
+    def output_head(self) -> OutputHead:
+        weight = self.model.get_output_embeddings().weight.detach().float().clone()
+        return OutputHead(weight=weight, valid_vocab=self.vocab_size)
+
+    @torch.no_grad()
+    def score(self, batch: RolloutBatch) -> TeacherScores:
+        batch.check()
+        input_ids, attention_mask, positions = batch.padded(self.pad_id)
+        # The decoder alone: its last hidden state is already final-normed, and no [B, T, V] logits are made.
+        hidden_BTd = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = hidden_BTd.reshape(-1, hidden_BTd.shape[-1])[positions].float()
+        return TeacherScores(hidden_states=hidden, policy_version=batch.policy_version).check(batch)
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int) -> RolloutBatch:
+        """Greedy answers of the teacher (evaluation: the accuracy the student is measured against)."""
+        return self.engine.generate(prompts, max_new_tokens=max_new_tokens, greedy=True)

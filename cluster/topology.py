@@ -1,0 +1,92 @@
+"""Modes -> Ray: how the driver connects, and where the rollout, teacher and learner actors are placed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.learner import LearnerActor
+from actors.rollout import RolloutActor
+from actors.teacher import TeacherActor
+from opd.config import PROJECT_ROOT, Config, ConfigError
+
+GPUS_NEEDED = {"cpu": 0, "colocated": 1, "split": 2}
+
+
+def check_devices(cfg: Config) -> None:
+    """Refuse a mode this machine cannot run, before Ray starts."""
+    needed = GPUS_NEEDED[cfg.run.mode]
+    if needed == 0:
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have < needed:
+        raise ConfigError(f"run.mode={cfg.run.mode} needs {needed} GPU(s), this machine has {have}: "
+                          f"use --mode cpu")
+    raise ConfigError(f"run.mode={cfg.run.mode} is not available in this version yet: use --mode cpu")
+
+
+def connect(cfg: Config) -> bool:
+    """Join the cluster named by run.ray_address or RAY_ADDRESS (set by `ray job submit`), else start a
+    private local instance. Returns whether this process started Ray (and so must shut it down)."""
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return False
+    # Ray >= 2.5x enables token auth for a local ray.init() and saves the token in ~/.ray/auth_token; a later
+    # `ray start` then turns auth on and `ray job submit` fails with "Missing authentication token". Keep the
+    # auth, but hand this private instance its token through the environment (inherited by Ray's own
+    # processes) so nothing is written to disk. The token is never logged.
+    if os.environ.get("RAY_AUTH_MODE", "token") == "token" and not os.environ.get("RAY_AUTH_TOKEN"):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        _reload_ray_auth_config()
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}})
+    return True
+
+
+def _reload_ray_auth_config() -> None:
+    """Ray caches its config (auth mode included) when it is first used in a process; make it read the
+    environment again, as Ray itself does when it turns token auth on."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config as RayConfig
+    except ImportError:  # a Ray without token auth: nothing cached to refresh
+        return
+    RayConfig.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@dataclass
+class Actors:
+    rollout: ray.actor.ActorHandle
+    teacher: ray.actor.ActorHandle
+    learner: ray.actor.ActorHandle
+    group: PlacementGroup
+
+    def shutdown(self) -> None:
+        for handle in (self.rollout, self.teacher, self.learner):
+            ray.kill(handle)
+        remove_placement_group(self.group)
+
+
+def launch(cfg: Config) -> Actors:
+    """cpu mode: one placement group of three CPU bundles packed on one node (the shared-memory weights
+    need the learner and the rollout engine on the same machine)."""
+    share = cfg.run.cpus_per_actor
+    group = placement_group([{"CPU": share}] * 3, strategy="STRICT_PACK")
+    ray.get(group.ready(), timeout=120)
+
+    def place(cls, index: int):
+        strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index)
+        return ray.remote(cls).options(num_cpus=share, scheduling_strategy=strategy).remote(cfg)
+
+    return Actors(rollout=place(RolloutActor, 0), teacher=place(TeacherActor, 1), learner=place(LearnerActor, 2),
+                  group=group)

@@ -1,0 +1,96 @@
+"""Learner -> rollout weight transport.
+
+cpu mode: the learner's parameters live in one flat fp32 buffer backed by a file in /dev/shm, mapped
+`shared=True`. The rollout engine maps the same file and points its parameters at views of it, so an optimizer
+step is visible to the engine with no bytes moved; a "sync" only publishes the new version number.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]  # element offset of each parameter in the flat buffer
+    numel: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "FlatLayout":
+        names, shapes, offsets, offset = [], [], [], 0
+        # named_parameters() yields a tied parameter once (embed_tokens / lm_head share one slot).
+        for name, param in model.named_parameters():
+            names.append(name)
+            shapes.append(tuple(param.shape))
+            offsets.append(offset)
+            offset += param.numel()
+        return cls(tuple(names), tuple(shapes), tuple(offsets), offset)
+
+
+@dataclass(frozen=True)
+class SharedWeights:
+    """What the learner sends to the rollout engine once: where the flat buffer is and how it is laid out."""
+
+    path: str
+    layout: FlatLayout
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """One sync: the version the learner's weights are at (and, the first time, the handle to map)."""
+
+    version: int
+    shared: SharedWeights | None = None
+
+
+def _map(path: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_file(path, shared=True, size=numel, dtype=dtype)
+
+
+def _bind(model: nn.Module, flat: torch.Tensor, layout: FlatLayout, copy_in: bool) -> None:
+    params = dict(model.named_parameters())
+    if tuple(params) != layout.names:
+        raise ValueError("the engine's model does not have the learner's parameters: load the same student")
+    for name, shape, offset in zip(layout.names, layout.shapes, layout.offsets, strict=True):
+        param = params[name]
+        if tuple(param.shape) != shape:
+            raise ValueError(f"parameter {name} has shape {tuple(param.shape)} in the engine, {shape} in the learner")
+        view = flat[offset: offset + math.prod(shape)].view(shape)
+        if copy_in:
+            view.copy_(param.data)
+        param.data = view  # the parameter now *is* a window on the shared buffer
+
+
+def share_parameters(model: nn.Module, name: str) -> SharedWeights:
+    """Move `model`'s parameters into a new shared flat buffer (fp32) and return its handle."""
+    if SHM_DIR is None:
+        raise RuntimeError("the cpu weight transport needs /dev/shm (a Linux shared-memory filesystem)")
+    layout = FlatLayout.of(model)
+    path = str(SHM_DIR / f"opd-{name}-{os.getpid()}.bin")
+    flat = _map(path, layout.numel, torch.float32)
+    _bind(model.float(), flat, layout, copy_in=True)
+    return SharedWeights(path=path, layout=layout)
+
+
+def attach_parameters(model: nn.Module, shared: SharedWeights) -> None:
+    """Point `model`'s parameters at views of the learner's shared buffer (zero copy)."""
+    if not os.path.exists(shared.path):
+        raise FileNotFoundError(f"shared weights {shared.path} are gone: the learner that owned them has exited")
+    _bind(model.to(shared.dtype), _map(shared.path, shared.layout.numel, shared.dtype), shared.layout,
+          copy_in=False)
+
+
+def release(shared: SharedWeights) -> None:
+    """Remove the shared file (mappings that exist stay valid until their processes drop them)."""
+    Path(shared.path).unlink(missing_ok=True)

@@ -1,0 +1,120 @@
+"""Fused output projection + divergence, chunked over tokens, never materialising `[N, V]` logits.
+
+Per chunk of tokens the forward pass computes both logit blocks, the divergence and its gradient with respect
+to the student logits, and immediately folds that gradient into the gradients of the student hidden states
+and output weight. Backward only scales the stored gradients by the incoming scalar. Extra peak memory is a
+few `[chunk, V]` fp32 blocks, independent of N.
+
+Gradients with respect to the scaled student logits `s = z / T` (p = p_S, q = p_T, all row-wise):
+
+    fkl = sum q (log q - log p)          d/ds = p - q
+    rkl = sum p (log p - log q)          d/ds = p * (log p - log q - rkl)
+    jsd = b KL(q||m) + (1-b) KL(p||m)    d/ds = (1-b) * p * (log p - log m - KL(p||m))
+
+(for jsd, dL/dp_j = (1-b)(log p_j - log m_j) because the m-terms cancel; the softmax Jacobian then subtracts
+the p-weighted mean). Chain rule through `s = z / T` multiplies by 1/T.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# A [chunk, V] fp32 block of this many elements is 16 MiB; the chunk is chosen so one block stays near it.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def default_chunk_size(vocab: int) -> int:
+    """Largest power of two with chunk * vocab <= 4 Mi elements (at least 1)."""
+    return 1 << max(0, int(math.floor(math.log2(max(1, _CHUNK_ELEMENTS // vocab)))))
+
+
+def _rows(logp_s: Tensor, logp_t: Tensor, kind: str, beta: float):
+    """Per-row divergence `[C]` and its gradient with respect to the scaled student logits `[C, V]`."""
+    p_s = logp_s.exp()
+    if kind == "fkl" or (kind == "jsd" and beta == 0.0):
+        p_t = logp_t.exp()
+        return (p_t * (logp_t - logp_s)).sum(-1), p_s - p_t
+    if kind == "rkl" or (kind == "jsd" and beta == 1.0):
+        log_ratio = logp_s - logp_t
+        loss = (p_s * log_ratio).sum(-1)
+        return loss, p_s * (log_ratio - loss[:, None])
+    log_m = torch.logaddexp(logp_t + math.log(beta), logp_s + math.log1p(-beta))
+    log_ratio = logp_s - log_m
+    kl_s_m = (p_s * log_ratio).sum(-1)
+    loss = beta * (logp_t.exp() * (logp_t - log_m)).sum(-1) + (1 - beta) * kl_s_m
+    return loss, (1 - beta) * p_s * (log_ratio - kl_s_m[:, None])
+
+
+class ChunkedDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, weights, kind, beta, temperature, valid_vocab, num_tokens,
+                chunk_size, needs_grad):
+        num_rows = h_s.shape[0]
+        # Columns >= valid_vocab would be -inf on both sides: leaving them out of the matmul is the same
+        # softmax, and their weight rows get exactly zero gradient.
+        # Logits and divergences in fp32 (DESIGN.md): low-precision weights are widened once, not per chunk.
+        ws, wt = w_s[:valid_vocab].float(), w_t[:valid_vocab].float()
+        grad_h = torch.zeros_like(h_s, dtype=torch.float32) if needs_grad else None
+        grad_w = torch.zeros_like(w_s, dtype=torch.float32) if needs_grad else None
+        loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        stats = torch.zeros(3, dtype=torch.float32, device=h_s.device)  # weighted sums: fkl, rkl, entropy
+        for start in range(0, num_rows, chunk_size):
+            end = min(start + chunk_size, num_rows)
+            hs, w = h_s[start:end].float(), weights[start:end].float()
+            logp_s = torch.log_softmax((hs @ ws.T) / temperature, dim=-1)
+            logp_t = torch.log_softmax((h_t[start:end].float() @ wt.T) / temperature, dim=-1)
+            rows, grad_s = _rows(logp_s, logp_t, kind, beta)
+            loss += (rows * w).sum()
+            p_s, p_t = logp_s.exp(), logp_t.exp()
+            stats += torch.stack([(p_t * (logp_t - logp_s)).sum(-1) @ w, (p_s * (logp_s - logp_t)).sum(-1) @ w,
+                                  -(p_s * logp_s).sum(-1) @ w])
+            if needs_grad:
+                grad_z = grad_s.mul_((w / (num_tokens * temperature))[:, None])  # [C, V], d loss / d logits
+                grad_h[start:end] = grad_z @ ws
+                grad_w[:valid_vocab] += grad_z.T @ hs
+        ctx.mark_non_differentiable(stats)
+        if needs_grad:
+            ctx.save_for_backward(grad_h.to(h_s.dtype), grad_w.to(w_s.dtype))
+        return loss / num_tokens, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, *([None] * 10)
+
+
+def chunked_divergence(h_s_Nd: Tensor, w_s_Vd: Tensor, h_t_Nd: Tensor, w_t_Vd: Tensor, weights_N: Tensor, *,
+                       kind: str, num_tokens: float, beta: float = 0.5, temperature: float = 1.0,
+                       valid_vocab: int | None = None, chunk_size: int = 0) -> tuple[Tensor, Tensor]:
+    """Loss `sum_i weight_i * D_i / num_tokens` (see kernels/reference.py) and detached weighted sums
+    `[3]` of forward KL, reverse KL and student entropy (divide by the token count for means).
+
+    h_s_Nd: student final hidden states; w_s_Vd: student output weight (gets a gradient, tied or not);
+    h_t_Nd, w_t_Vd: teacher hidden states and output weight (no gradient); weights_N: per-token weights;
+    valid_vocab: the tokenizer's size (<= both row counts); chunk_size: tokens per chunk, 0 = automatic.
+    """
+    assert h_s_Nd.shape[0] == h_t_Nd.shape[0] == weights_N.shape[0], "one row per response token"
+    valid_vocab = min(w_s_Vd.shape[0], w_t_Vd.shape[0]) if valid_vocab is None else valid_vocab
+    assert valid_vocab <= min(w_s_Vd.shape[0], w_t_Vd.shape[0])
+    chunk_size = chunk_size or default_chunk_size(valid_vocab)
+    needs_grad = torch.is_grad_enabled() and (h_s_Nd.requires_grad or w_s_Vd.requires_grad)
+    return ChunkedDivergence.apply(h_s_Nd, w_s_Vd, h_t_Nd.detach(), w_t_Vd.detach(), weights_N, kind, beta,
+                                   temperature, valid_vocab, float(num_tokens), chunk_size, needs_grad)
+
+
+@torch.no_grad()
+def chunked_token_logprobs(h_Nd: Tensor, w_Vd: Tensor, token_ids_N: Tensor, *, temperature: float = 1.0,
+                           valid_vocab: int | None = None, chunk_size: int = 0) -> Tensor:
+    """log softmax(h @ w.T / T)[token] per row `[N]` fp32, one `[chunk, V]` block at a time (no gradient)."""
+    valid_vocab = w_Vd.shape[0] if valid_vocab is None else valid_vocab
+    chunk_size = chunk_size or default_chunk_size(valid_vocab)
+    w = w_Vd[:valid_vocab].float()
+    out = torch.empty(h_Nd.shape[0], dtype=torch.float32, device=h_Nd.device)
+    for start in range(0, h_Nd.shape[0], chunk_size):
+        end = min(start + chunk_size, h_Nd.shape[0])
+        z = (h_Nd[start:end].float() @ w.T) / temperature
+        out[start:end] = z.gather(1, token_ids_N[start:end, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
+    return out

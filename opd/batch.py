@@ -1,0 +1,93 @@
+"""The payloads that cross actor boundaries, with shapes and dtypes per field and a cheap `check()`.
+
+Sequences are packed: the ids of all samples are concatenated and `*_lens` says where each one ends.
+Response token j of sample i is predicted by the hidden state at position `prompt_len_i + j - 1` of the
+sequence `prompt_i + response_i`; every per-response-token tensor (`logprobs`, teacher hidden states,
+teacher log-probs) is ordered like `response_ids`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+FINISH_REASONS = ("stop", "length")
+
+
+@dataclass
+class RolloutBatch:
+    prompt_ids: Tensor  # [sum(prompt_lens)] int64, packed
+    prompt_lens: Tensor  # [num_samples] int64
+    response_ids: Tensor  # [num_response_tokens] int64, packed; includes the end-of-sequence token
+    response_lens: Tensor  # [num_samples] int64, >= 1
+    logprobs: Tensor  # [num_response_tokens] fp32, log-prob of each sampled token under the sampler
+    prompt_index: Tensor  # [num_samples] int64, which prompt of the step each sample answers
+    finish_reasons: list[str]  # [num_samples], "stop" (end-of-sequence sampled) or "length"
+    policy_version: int  # the weight version the engine held when it sampled
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.prompt_lens.numel())
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_ids.numel())
+
+    def check(self) -> "RolloutBatch":
+        n = self.num_samples
+        assert self.prompt_ids.dtype == self.response_ids.dtype == torch.int64
+        assert self.prompt_lens.shape == self.response_lens.shape == self.prompt_index.shape == (n,)
+        assert len(self.finish_reasons) == n and set(self.finish_reasons) <= set(FINISH_REASONS)
+        assert int(self.prompt_lens.sum()) == self.prompt_ids.numel()
+        assert int(self.response_lens.sum()) == self.response_ids.numel() == self.logprobs.numel()
+        assert n == 0 or int(self.response_lens.min()) >= 1
+        assert self.logprobs.dtype == torch.float32
+        return self
+
+    def prompts(self) -> list[list[int]]:
+        return [t.tolist() for t in torch.split(self.prompt_ids, self.prompt_lens.tolist())]
+
+    def responses(self) -> list[list[int]]:
+        return [t.tolist() for t in torch.split(self.response_ids, self.response_lens.tolist())]
+
+    def padded(self, pad_id: int, prompts: list[list[int]] | None = None):
+        """Right-padded `input_ids [B, T]`, `attention_mask [B, T]` and the flat indices (into `[B*T]`)
+        of the positions that predict each response token, in `response_ids` order.
+
+        `prompts` replaces the prompt of each sample (the teacher may render its own prompt prefix); the
+        response ids never change.
+        """
+        prompts = self.prompts() if prompts is None else prompts
+        responses = self.responses()
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+        width = max(lengths)
+        input_ids = torch.full((len(lengths), width), pad_id, dtype=torch.int64)
+        attention_mask = torch.zeros((len(lengths), width), dtype=torch.int64)
+        positions = []
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            input_ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.int64)
+            attention_mask[i, : len(p) + len(r)] = 1
+            positions.append(i * width + torch.arange(len(p) - 1, len(p) + len(r) - 1))
+        return input_ids, attention_mask, torch.cat(positions)
+
+
+@dataclass
+class TeacherScores:
+    hidden_states: Tensor  # [num_response_tokens, d_teacher] fp32, final (normed) hidden states
+    policy_version: int  # copied from the RolloutBatch it scores
+
+    def check(self, batch: RolloutBatch) -> "TeacherScores":
+        assert self.hidden_states.dim() == 2 and self.hidden_states.shape[0] == batch.num_response_tokens
+        assert self.hidden_states.dtype == torch.float32
+        assert self.policy_version == batch.policy_version
+        return self
+
+
+@dataclass
+class OutputHead:
+    """A model's output projection, sent once from the teacher to the learner (it is frozen)."""
+
+    weight: Tensor  # [V_rows, d] fp32; rows >= valid_vocab are padding and are masked to -inf
+    valid_vocab: int  # the tokenizer's vocabulary size

@@ -1,0 +1,151 @@
+"""The chunked fused divergence against the materialised reference: loss and both gradients."""
+
+import pytest
+import torch
+
+from kernels.chunked import chunked_divergence, chunked_token_logprobs, default_chunk_size
+from kernels.reference import distill_loss, divergence, masked_log_softmax
+
+CASES = [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.0), ("jsd", 1.0)]
+
+
+def _inputs(n=37, d_s=24, d_t=40, v=1031, v_s=None, v_t=None, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v_s, v_t = v_s or v, v_t or v
+    h_s = (torch.randn(n, d_s, generator=g) * 0.7).to(dtype).requires_grad_()
+    w_s = (torch.randn(v_s, d_s, generator=g) * 0.7).to(dtype).requires_grad_()
+    h_t = torch.randn(n, d_t, generator=g).to(dtype)
+    w_t = torch.randn(v_t, d_t, generator=g).to(dtype)
+    weights = (torch.rand(n, generator=g) > 0.25).float()  # some tokens masked out
+    return h_s, w_s, h_t, w_t, weights
+
+
+def _loss_and_grads(fn, h_s, w_s, h_t, w_t, weights, **kw):
+    out = fn(h_s, w_s, h_t, w_t, weights, **kw)
+    loss = out[0] if isinstance(out, tuple) else out
+    grads = torch.autograd.grad(loss, [h_s, w_s])
+    return loss.detach(), grads
+
+
+def _report(name, got, want, tol):
+    diff = (got.float() - want.float()).abs()
+    bad = diff > tol * (1 + want.float().abs())
+    assert not bad.any(), (f"{name}: {int(bad.sum())} of {bad.numel()} elements differ, max {diff.max():.3e} "
+                           f"at {tuple(int(i) for i in torch.nonzero(bad)[0])}")
+
+
+@pytest.mark.parametrize("kind,beta", CASES)
+def test_chunked_matches_reference_fp32(kind, beta):
+    args = _inputs()
+    kw = dict(kind=kind, beta=beta, temperature=1.7, num_tokens=53)
+    want_loss, want_grads = _loss_and_grads(distill_loss, *args, **kw)
+    got_loss, got_grads = _loss_and_grads(chunked_divergence, *args, chunk_size=7, **kw)
+    _report("loss", got_loss, want_loss, 1e-5)
+    _report("grad h_s", got_grads[0], want_grads[0], 1e-5)
+    _report("grad w_s", got_grads[1], want_grads[1], 1e-5)
+
+
+@pytest.mark.parametrize("kind,beta", CASES[:3])
+def test_chunked_bf16_close_to_fp32_reference(kind, beta):
+    args32 = _inputs()
+    args16 = [a.detach().to(torch.bfloat16) for a in args32[:4]] + [args32[4]]
+    args16[0].requires_grad_(), args16[1].requires_grad_()
+    kw = dict(kind=kind, beta=beta, temperature=1.3, num_tokens=37)
+    want_loss, want_grads = _loss_and_grads(distill_loss, *[a.detach().float().requires_grad_()
+                                                           if i < 2 else a.float() for i, a in enumerate(args16)], **kw)
+    got_loss, got_grads = _loss_and_grads(chunked_divergence, *args16, chunk_size=5, **kw)
+    assert got_grads[0].dtype == torch.bfloat16
+    _report("loss", got_loss, want_loss, 2e-2)
+    scale = max(float(want_grads[0].abs().max()), 1e-12)
+    assert float((got_grads[0].float() - want_grads[0]).abs().max()) <= 2e-2 * scale
+    scale = max(float(want_grads[1].abs().max()), 1e-12)
+    assert float((got_grads[1].float() - want_grads[1]).abs().max()) <= 2e-2 * scale
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd"])
+def test_chunk_size_does_not_change_results(kind):
+    args = _inputs(n=37)
+    results = [_loss_and_grads(chunked_divergence, *args, kind=kind, num_tokens=37, chunk_size=c) for c in (1, 7, 37)]
+    for loss, grads in results[1:]:
+        _report("loss", loss, results[0][0], 1e-6)
+        _report("grad h_s", grads[0], results[0][1][0], 1e-6)
+        _report("grad w_s", grads[1], results[0][1][1], 1e-6)
+
+
+def test_micro_batches_add_up_to_the_full_batch():
+    """Normalisation contract: per-micro-batch losses with the global token count sum to the batch loss."""
+    h_s, w_s, h_t, w_t, weights = _inputs(n=40)
+    num_tokens = float(weights.sum())
+    full, full_grads = _loss_and_grads(chunked_divergence, h_s, w_s, h_t, w_t, weights, kind="rkl",
+                                       num_tokens=num_tokens)
+    total = 0
+    for part in torch.arange(40).chunk(4):
+        total = total + chunked_divergence(h_s[part], w_s, h_t[part], w_t, weights[part], kind="rkl",
+                                           num_tokens=num_tokens, chunk_size=3)[0]
+    grads = torch.autograd.grad(total, [h_s, w_s])
+    _report("loss", total.detach(), full, 1e-6)
+    _report("grad h_s", grads[0], full_grads[0], 1e-6)
+    _report("grad w_s", grads[1], full_grads[1], 1e-6)
+
+
+def test_padded_vocab_rows_get_no_probability_and_no_gradient():
+    """V_s != V_t (the Qwen2.5 1.5B/7B case): rows past the tokenizer's size are -inf, never zero."""
+    valid = 1000
+    h_s, w_s, h_t, w_t, weights = _inputs(v_s=1024, v_t=1031)
+    loss, grads = _loss_and_grads(chunked_divergence, h_s, w_s, h_t, w_t, weights, kind="fkl", num_tokens=37,
+                                  valid_vocab=valid, chunk_size=8)
+    assert torch.count_nonzero(grads[1][valid:]) == 0
+    # The same loss as if the padded rows did not exist at all ...
+    cut, _ = _loss_and_grads(distill_loss, h_s, w_s[:valid], h_t, w_t[:valid], weights, kind="fkl", num_tokens=37)
+    _report("loss", loss, cut, 1e-6)
+    # ... and not the loss of zero-padded logits, which would give the padded slots mass.
+    zero_padded = torch.cat([h_s @ w_s[:valid].T, torch.zeros(37, 31)], dim=1)
+    teacher = torch.cat([h_t @ w_t[:valid].T, torch.zeros(37, 31)], dim=1)
+    wrong = (divergence(zero_padded, teacher, kind="fkl") * weights).sum() / 37
+    assert abs(float(wrong.detach()) - float(loss)) > 1e-4
+
+
+def test_tied_embedding_receives_the_output_gradient():
+    """An embedding that is also the output weight: both uses accumulate into one gradient."""
+    ids = torch.randint(0, 50, (9,), generator=torch.Generator().manual_seed(1))
+    h_t, w_t = torch.randn(9, 8), torch.randn(50, 8)
+    grads = []
+    for fn in (chunked_divergence, distill_loss):
+        emb = torch.nn.Embedding(50, 16)
+        torch.nn.init.normal_(emb.weight, generator=torch.Generator().manual_seed(2))
+        out = fn(emb(ids), emb.weight, h_t, w_t, torch.ones(9), kind="rkl", num_tokens=9)
+        (out[0] if isinstance(out, tuple) else out).backward()
+        grads.append(emb.weight.grad)
+    _report("tied grad", grads[0], grads[1], 1e-5)
+    unused = torch.ones(50, dtype=torch.bool)
+    unused[ids] = False  # rows only used as output weight still get a gradient
+    assert grads[0][unused].abs().sum() > 0
+
+
+def test_teacher_equal_to_student_gives_zero_divergence():
+    h, w, _, _, weights = _inputs()
+    for kind, beta in CASES:
+        loss, stats = chunked_divergence(h, w, h.detach(), w.detach(), weights, kind=kind, beta=beta, num_tokens=37)
+        assert abs(float(loss.detach())) < 1e-6 and abs(float(stats[0])) < 1e-5 and abs(float(stats[1])) < 1e-5
+
+
+def test_stats_are_the_weighted_kl_sums():
+    h_s, w_s, h_t, w_t, weights = _inputs()
+    _, stats = chunked_divergence(h_s, w_s, h_t, w_t, weights, kind="jsd", num_tokens=1, chunk_size=6)
+    s, t = (h_s @ w_s.T).detach(), h_t @ w_t.T
+    assert torch.allclose(stats[0], (divergence(s, t, kind="fkl") * weights).sum(), rtol=1e-5)
+    assert torch.allclose(stats[1], (divergence(s, t, kind="rkl") * weights).sum(), rtol=1e-5)
+
+
+def test_token_logprobs_match_log_softmax():
+    h, w, _, _, _ = _inputs()
+    ids = torch.randint(0, 1000, (37,))
+    got = chunked_token_logprobs(h.detach(), w.detach(), ids, temperature=0.7, valid_vocab=1000, chunk_size=5)
+    want = masked_log_softmax(h @ w.T, 0.7, 1000).gather(1, ids[:, None]).squeeze(1)
+    _report("logprobs", got, want.detach(), 1e-5)
+
+
+def test_default_chunk_size_bounds_the_block():
+    for vocab in (16, 32_000, 151_936):
+        c = default_chunk_size(vocab)
+        assert c >= 1 and c & (c - 1) == 0 and (c == 1 or c * vocab <= 1 << 22)
