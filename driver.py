@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def prepare(cfg: Config) -> Path:
     """Everything that can refuse the run does so here, before Ray starts. Returns the run directory."""
-    from cluster.topology import check_devices
+    from cluster.resources import check_devices
     from opd import toy
 
     for side in ("student", "teacher"):

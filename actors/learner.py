@@ -74,6 +74,15 @@ class LearnerActor:
         n = batch.num_response_tokens
         h_s = self._student_hidden(batch)
         loss, stats = self._divergence(h_s, scores)
+        # Canary, taken before the step changes the weights: the learner's log-prob of each sampled token
+        # must match what the sampler reported.
+        r = self.cfg.rollout
+        gap = float("nan")
+        if r.top_p == 1.0 and r.top_k == 0:
+            learner_logprobs = chunked_token_logprobs(h_s.detach(), self.model.get_output_embeddings().weight,
+                                                      batch.response_ids, temperature=r.temperature,
+                                                      valid_vocab=self.vocab_size)
+            gap = float((learner_logprobs - batch.logprobs).abs().max())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.max_grad_norm)
@@ -82,14 +91,6 @@ class LearnerActor:
             self.optimizer.step()  # writes the shared buffer in place: the engine sees it at once
             self.scheduler.step()
             self.version += 1
-        # Canary: the learner's log-prob of each sampled token must match what the sampler reported.
-        r = self.cfg.rollout
-        gap = float("nan")
-        if r.top_p == 1.0 and r.top_k == 0:
-            learner_logprobs = chunked_token_logprobs(h_s.detach(), self.model.get_output_embeddings().weight,
-                                                      batch.response_ids, temperature=r.temperature,
-                                                      valid_vocab=self.vocab_size)
-            gap = float((learner_logprobs - batch.logprobs).abs().max())
         lens = batch.response_lens.float()
         return {
             "loss": float(loss.detach()),

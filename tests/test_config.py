@@ -1,0 +1,60 @@
+"""Config tree: presets validate, overrides are typed, and bad input stops with one clear line before Ray."""
+
+import subprocess
+import sys
+
+import pytest
+
+from opd.config import ConfigError, override, preset, tiny_cpu
+
+
+def test_tiny_cpu_preset_and_overrides():
+    cfg = tiny_cpu()
+    assert preset("tiny_cpu") == cfg
+    cfg = override(cfg, "learner.lr=3e-4")
+    cfg = override(cfg, "loss.kind=jsd")
+    cfg = override(cfg, "learner.adam_betas=0.8,0.95")
+    cfg = override(cfg, "run.progress=false")
+    assert (cfg.learner.lr, cfg.loss.kind, cfg.learner.adam_betas, cfg.run.progress) == (3e-4, "jsd", (0.8, 0.95), False)
+    assert cfg.to_dict()["learner"]["lr"] == 3e-4
+
+
+@pytest.mark.parametrize("assignment,needle", [
+    ("loss.kind=kl", "loss.kind='kl' is unknown"),
+    ("train.steps=0", "train.steps=0 must be > 0"),
+    ("train.prompts_per_step=-4", "train.prompts_per_step=-4 must be > 0"),
+    ("learner.lr=0", "learner.lr=0.0 must be > 0"),
+    ("learner.lr=fast", "expected a value of type"),
+    ("run.mode=tpu", "run.mode='tpu' is unknown"),
+    ("learner.nope=1", "no such setting"),
+    ("learner", "write it as section.field=value"),
+])
+def test_bad_values_name_the_field(assignment, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        override(tiny_cpu(), assignment)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="preset 'big' is unknown"):
+        preset("big")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "loss.kind=kl"], "loss.kind='kl' is unknown"),
+    (["--preset", "nope"], "preset 'nope' is unknown"),
+    (["--set", "train.steps=-1"], "train.steps=-1 must be > 0"),
+    (["--set", "learner.lr=-1e-3"], "learner.lr=-0.001 must be > 0"),
+    (["--set", "train.prompts_per_step=0"], "train.prompts_per_step=0 must be > 0"),
+    (["--set", "model.student=/no/such/model"], "model.student=/no/such/model: no Hugging Face model folder"),
+    (["--mode", "split"], "run.mode=split needs 2 GPU(s)"),
+])
+def test_driver_refuses_bad_config_before_ray(root, tmp_path, args, needle):
+    """One line on stderr, exit status 2, Ray never imported, nothing written."""
+    code = ("import sys, driver; rc = driver.main(sys.argv[1:]); "
+            "assert 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, *args, "--set", f"run.out_dir={tmp_path}"],
+                         cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], out.stderr
+    assert list(tmp_path.iterdir()) == []

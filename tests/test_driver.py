@@ -1,0 +1,62 @@
+"""The driver end to end on CPU under Ray (short runs), and the teacher = student canary."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from opd.metrics import read_jsonl
+
+STEP_KEYS = {"loss", "kl/forward/mean", "kl/reverse/mean", "entropy/student/mean", "response/length/mean",
+             "timing/rollout_s", "timing/teacher_s", "timing/train_s", "timing/sync_s", "throughput/tokens_per_s",
+             "logprob/learner_minus_rollout/absmax"}
+
+
+def _run(root, tmp_path, *overrides, name="run"):
+    args = ["--set", "train.steps=3", "--set", "train.eval_every=2", "--set", "train.prompts_per_step=16",
+            "--set", "data.num_eval_prompts=32", "--set", f"run.out_dir={tmp_path}", "--set", f"run.name={name}",
+            "--set", "run.progress=false", *overrides]
+    out = subprocess.run([sys.executable, "driver.py", *args], cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return tmp_path / name, out.stdout
+
+
+@pytest.mark.slow
+def test_teacher_equal_to_student_is_a_zero_kl_run(root, tmp_path):
+    """Canary: with the student as its own teacher every KL is ~0 (the run also checks all its outputs)."""
+    run_dir, stdout = _run(root, tmp_path, "--set", "model.teacher=assets/toy/student")
+    steps = read_jsonl(run_dir / "metrics.jsonl")
+    evals = read_jsonl(run_dir / "eval.jsonl")
+    assert [r["step"] for r in steps] == [1, 2, 3] and [r["step"] for r in evals] == [0, 2, 3]
+    assert STEP_KEYS <= set(steps[0])
+    assert abs(steps[0]["kl/reverse/mean"]) < 1e-6 and abs(steps[0]["kl/forward/mean"]) < 1e-6
+    assert abs(evals[0]["eval/kl/reverse/mean"]) < 1e-6
+    assert all(r["logprob/learner_minus_rollout/absmax"] < 1e-4 for r in steps)
+    # what a run leaves behind
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["train"]["steps"] == 3 and config["model"]["teacher"] == "assets/toy/student"
+    assert pq.read_table(run_dir / "metrics.parquet").num_rows == 3
+    assert (run_dir / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoint")
+    assert (run_dir / "checkpoint" / "model.safetensors").is_file()
+    assert (run_dir / "checkpoint" / "tokenizer.json").is_file()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert f"run directory: {run_dir}" in stdout and "student accuracy" in stdout
+
+
+@pytest.mark.slow
+def test_a_short_real_run_moves_the_student(root, tmp_path):
+    run_dir, _ = _run(root, tmp_path, "--set", "loss.kind=fkl", "--set", "learner.lr=3e-3")
+    steps = read_jsonl(run_dir / "metrics.jsonl")
+    assert steps[0]["kl/reverse/mean"] > 0.5  # a weak student, a strong teacher
+    assert [r["policy/version"] for r in steps] == [1.0, 2.0, 3.0]  # each step reached the engine
+    ckpt = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoint")
+    start = AutoModelForCausalLM.from_pretrained(root / "assets/toy/student")
+    moved = [not torch.equal(a, b) for a, b in zip(ckpt.parameters(), start.parameters(), strict=True)]
+    assert all(moved)
+    assert all(math.isfinite(r["loss"]) for r in steps)

@@ -1,0 +1,43 @@
+"""The learner's logged loss and its update, against the materialised reference on a real batch."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from actors.learner import LearnerActor
+from actors.rollout import RolloutActor
+from actors.teacher import TeacherActor
+from cluster import weights
+from kernels.reference import distill_loss
+from opd.config import override, tiny_cpu
+
+
+def test_learner_loss_equals_reference_and_the_engine_sees_the_step(root):
+    cfg = override(override(tiny_cpu(), "loss.kind=jsd"), "loss.temperature=1.5")
+    learner, teacher, rollout = LearnerActor(cfg), TeacherActor(cfg), RolloutActor(cfg)
+    try:
+        learner.set_teacher_head(teacher.output_head())
+        rollout.load_weights(learner.export_weights())
+        batch = rollout.generate([[3, 4, 14, 5, 6, 15]] * 2 + [[13, 12, 14, 4, 4, 15]], seed=0)
+        scores = teacher.score(batch)
+
+        # Reference: a fresh copy of the student, materialised logits, autograd.
+        student = AutoModelForCausalLM.from_pretrained(root / "assets/toy/student", dtype=torch.float32)
+        ids, mask, pos = batch.padded(learner.pad_id)
+        h_s = student.model(input_ids=ids, attention_mask=mask).last_hidden_state.flatten(0, 1)[pos]
+        tmodel = AutoModelForCausalLM.from_pretrained(root / "assets/toy/teacher", dtype=torch.float32)
+        h_t = tmodel.model(input_ids=ids, attention_mask=mask).last_hidden_state.flatten(0, 1)[pos]
+        n = batch.num_response_tokens
+        want = distill_loss(h_s, student.lm_head.weight, h_t, tmodel.lm_head.weight, torch.ones(n), kind="jsd",
+                            beta=0.5, temperature=1.5, num_tokens=n)
+
+        before = rollout.logits(ids).clone()
+        metrics = learner.train_step(batch, scores)
+        assert abs(metrics["loss"] - float(want.detach())) < 1e-5, metrics["loss"]
+        assert metrics["logprob/learner_minus_rollout/absmax"] < 1e-4  # sampler and learner agree
+        # The optimizer step reached the engine with no transfer: same logits as the learner's model now.
+        after = rollout.logits(ids)
+        assert not torch.allclose(before, after)
+        with torch.no_grad():
+            assert torch.allclose(after, learner.model(input_ids=ids).logits, atol=1e-6)
+    finally:
+        learner.shutdown()
