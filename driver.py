@@ -115,7 +115,8 @@ def run(cfg: Config) -> dict:
                             "timing/sync_s": t4 - t3, "timing/step_s": t4 - t0,
                             "throughput/tokens_per_s": metrics["response/tokens/sum"] / (t4 - t0)})
             log.log_step(step, metrics)
-            bar.set_postfix({"rkl": f"{metrics['kl/reverse/mean']:.3f}", "len": f"{metrics['response/length/mean']:.1f}"})
+            rkl = metrics.get("kl/reverse/mean", metrics.get("kl/reverse/sampled_mean"))
+            bar.set_postfix({"rkl": f"{rkl:.3f}", "len": f"{metrics['response/length/mean']:.1f}"})
             if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
                 last = run_eval(step, before["eval/accuracy/teacher"])
                 bar.write(f"step {step}: student accuracy {last['eval/accuracy/student']:.1%}, "

@@ -10,11 +10,11 @@ import time
 import uuid
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from actors.common import init_process, special_ids
 from cluster import weights
-from kernels.chunked import chunked_divergence, chunked_token_logprobs
+from kernels.chunked import chunked_divergence, chunked_sampled_rkl, chunked_token_logprobs
 from opd.batch import OutputHead, RolloutBatch, TeacherScores
 from opd.config import Config, resolve_path
 
@@ -31,9 +31,9 @@ class LearnerActor:
         lc = cfg.learner
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lc.lr, betas=lc.adam_betas,
                                            weight_decay=lc.weight_decay)
-        warmup = lc.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        name = {"constant": "constant_with_warmup"}.get(lc.lr_schedule, lc.lr_schedule)
+        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=lc.warmup_steps,
+                                       num_training_steps=cfg.train.steps)
         self.version = 0
         self.teacher_head: OutputHead | None = None
         self._exported = False
@@ -63,6 +63,14 @@ class LearnerActor:
             torch.ones(n), kind=lc.kind, beta=lc.beta, temperature=lc.temperature, valid_vocab=self.vocab_size,
             num_tokens=n, chunk_size=lc.chunk_size)
 
+    def _sampled_rkl(self, h_s: torch.Tensor, batch: RolloutBatch, scores: TeacherScores):
+        lc = self.cfg.loss
+        n = h_s.shape[0]
+        return chunked_sampled_rkl(
+            h_s, self.model.get_output_embeddings().weight, batch.response_ids, scores.token_logprobs,
+            batch.logprobs, torch.ones(n), num_tokens=n, temperature=lc.temperature, clip_ratio=lc.clip_ratio,
+            valid_vocab=self.vocab_size, chunk_size=lc.chunk_size)
+
     def train_step(self, batch: RolloutBatch, scores: TeacherScores) -> dict[str, float]:
         assert self.teacher_head is not None, "set_teacher_head before train_step"
         batch.check()
@@ -73,16 +81,26 @@ class LearnerActor:
         start = time.perf_counter()
         n = batch.num_response_tokens
         h_s = self._student_hidden(batch)
-        loss, stats = self._divergence(h_s, scores)
-        # Canary, taken before the step changes the weights: the learner's log-prob of each sampled token
-        # must match what the sampler reported.
         r = self.cfg.rollout
-        gap = float("nan")
-        if r.top_p == 1.0 and r.top_k == 0:
-            learner_logprobs = chunked_token_logprobs(h_s.detach(), self.model.get_output_embeddings().weight,
-                                                      batch.response_ids, temperature=r.temperature,
-                                                      valid_vocab=self.vocab_size)
-            gap = float((learner_logprobs - batch.logprobs).abs().max())
+        # The sampler's log-probs are comparable with the learner's only without top-k / top-p truncation.
+        comparable = r.top_p == 1.0 and r.top_k == 0
+        if self.cfg.loss.kind == "sampled_rkl":
+            loss, stats = self._sampled_rkl(h_s, batch, scores)
+            loss_metrics = {"kl/reverse/sampled_mean": -float(stats[0]) / n, "is_ratio/mean": float(stats[1]) / n,
+                            "is_ratio/clipped_fraction": float(stats[2]) / n}
+            gap = float(stats[3]) if comparable else float("nan")
+        else:
+            loss, stats = self._divergence(h_s, scores)
+            loss_metrics = {"kl/forward/mean": float(stats[0]) / n, "kl/reverse/mean": float(stats[1]) / n,
+                            "entropy/student/mean": float(stats[2]) / n}
+            # Canary, taken before the step changes the weights: the learner's log-prob of each sampled token
+            # must match what the sampler reported.
+            gap = float("nan")
+            if comparable:
+                learner_logprobs = chunked_token_logprobs(h_s.detach(), self.model.get_output_embeddings().weight,
+                                                          batch.response_ids, temperature=r.temperature,
+                                                          valid_vocab=self.vocab_size)
+                gap = float((learner_logprobs - batch.logprobs).abs().max())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.max_grad_norm)
@@ -94,9 +112,7 @@ class LearnerActor:
         lens = batch.response_lens.float()
         return {
             "loss": float(loss.detach()),
-            "kl/forward/mean": float(stats[0]) / n,
-            "kl/reverse/mean": float(stats[1]) / n,
-            "entropy/student/mean": float(stats[2]) / n,
+            **loss_metrics,
             "grad/norm": float(grad_norm),
             "step/skipped": float(not finite),
             "lr": self.scheduler.get_last_lr()[0],

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from actors.common import init_process, special_ids
 from actors.engines.hf import HFEngine
+from kernels.chunked import chunked_token_logprobs
 from opd.batch import OutputHead, RolloutBatch, TeacherScores
 from opd.config import Config, resolve_path
 
@@ -26,13 +27,19 @@ class TeacherActor:
         return OutputHead(weight=weight, valid_vocab=self.vocab_size)
 
     @torch.no_grad()
-    def score(self, batch: RolloutBatch) -> TeacherScores:
+    def score(self, batch: RolloutBatch, *, hidden_states: bool | None = None) -> TeacherScores:
+        """Hidden states at response positions for full-vocabulary losses (and for evaluation, which asks
+        with hidden_states=True); for sampled_rkl only the sampled tokens' log-probs."""
         batch.check()
         input_ids, attention_mask, positions = batch.padded(self.pad_id)
         # The decoder alone: its last hidden state is already final-normed, and no [B, T, V] logits are made.
         hidden_BTd = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         hidden = hidden_BTd.reshape(-1, hidden_BTd.shape[-1])[positions].float()
-        return TeacherScores(hidden_states=hidden, policy_version=batch.policy_version).check(batch)
+        if hidden_states if hidden_states is not None else self.cfg.loss.kind != "sampled_rkl":
+            return TeacherScores(policy_version=batch.policy_version, hidden_states=hidden).check(batch)
+        logprobs = chunked_token_logprobs(hidden, self.model.get_output_embeddings().weight, batch.response_ids,
+                                          temperature=self.cfg.loss.temperature, valid_vocab=self.vocab_size)
+        return TeacherScores(policy_version=batch.policy_version, token_logprobs=logprobs).check(batch)
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int) -> RolloutBatch:
         """Greedy answers of the teacher (evaluation: the accuracy the student is measured against)."""

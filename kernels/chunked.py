@@ -31,21 +31,31 @@ def default_chunk_size(vocab: int) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(1, _CHUNK_ELEMENTS // vocab)))))
 
 
-def _rows(logp_s: Tensor, logp_t: Tensor, kind: str, beta: float):
-    """Per-row divergence `[C]` and its gradient with respect to the scaled student logits `[C, V]`."""
-    p_s = logp_s.exp()
+def torch_row_divergence_(student_CV: Tensor, teacher_CV: Tensor, weights_C: Tensor, *, kind: str, beta: float,
+                          temperature: float, grad_scale: float, compute_grad: bool = True) -> tuple[Tensor, Tensor]:
+    """The per-row work in torch (any device): returns per-row divergence `[C]` and per-row (forward KL,
+    reverse KL, student entropy) `[C, 3]`, unweighted, and overwrites `student_CV` with
+    d(sum_i weights_i * rows_i * grad_scale) / d(student logits). All columns are valid here (the caller cut
+    the vocabulary). Same contract as kernels/triton_kl.py's `row_divergence_`."""
+    logp_s = torch.log_softmax(student_CV.float() / temperature, dim=-1)
+    logp_t = torch.log_softmax(teacher_CV.float() / temperature, dim=-1)
+    p_s, p_t = logp_s.exp(), logp_t.exp()
+    log_ratio = logp_s - logp_t  # log p_S - log p_T
+    rkl = (p_s * log_ratio).sum(-1)
+    stats = torch.stack([-(p_t * log_ratio).sum(-1), rkl, -(p_s * logp_s).sum(-1)], dim=-1)
     if kind == "fkl" or (kind == "jsd" and beta == 0.0):
-        p_t = logp_t.exp()
-        return (p_t * (logp_t - logp_s)).sum(-1), p_s - p_t
-    if kind == "rkl" or (kind == "jsd" and beta == 1.0):
-        log_ratio = logp_s - logp_t
-        loss = (p_s * log_ratio).sum(-1)
-        return loss, p_s * (log_ratio - loss[:, None])
-    log_m = torch.logaddexp(logp_t + math.log(beta), logp_s + math.log1p(-beta))
-    log_ratio = logp_s - log_m
-    kl_s_m = (p_s * log_ratio).sum(-1)
-    loss = beta * (logp_t.exp() * (logp_t - log_m)).sum(-1) + (1 - beta) * kl_s_m
-    return loss, (1 - beta) * p_s * (log_ratio - kl_s_m[:, None])
+        rows, grad = stats[:, 0], (p_s - p_t) if compute_grad else None
+    elif kind == "rkl" or (kind == "jsd" and beta == 1.0):
+        rows, grad = rkl, p_s * (log_ratio - rkl[:, None]) if compute_grad else None
+    else:
+        log_m = torch.logaddexp(logp_t + math.log(beta), logp_s + math.log1p(-beta))
+        log_ratio_m = logp_s - log_m
+        kl_s_m = (p_s * log_ratio_m).sum(-1)
+        rows = beta * (p_t * (logp_t - log_m)).sum(-1) + (1 - beta) * kl_s_m
+        grad = (1 - beta) * p_s * (log_ratio_m - kl_s_m[:, None]) if compute_grad else None
+    if compute_grad:
+        student_CV.copy_(grad.mul_((weights_C.float() * (grad_scale / temperature))[:, None]))
+    return rows, stats
 
 
 class ChunkedDivergence(torch.autograd.Function):
@@ -64,17 +74,15 @@ class ChunkedDivergence(torch.autograd.Function):
         for start in range(0, num_rows, chunk_size):
             end = min(start + chunk_size, num_rows)
             hs, w = h_s[start:end].float(), weights[start:end].float()
-            logp_s = torch.log_softmax((hs @ ws.T) / temperature, dim=-1)
-            logp_t = torch.log_softmax((h_t[start:end].float() @ wt.T) / temperature, dim=-1)
-            rows, grad_s = _rows(logp_s, logp_t, kind, beta)
-            loss += (rows * w).sum()
-            p_s, p_t = logp_s.exp(), logp_t.exp()
-            stats += torch.stack([(p_t * (logp_t - logp_s)).sum(-1) @ w, (p_s * (logp_s - logp_t)).sum(-1) @ w,
-                                  -(p_s * logp_s).sum(-1) @ w])
+            logits_s = hs @ ws.T  # [C, V] fp32; becomes d loss / d logits in place
+            rows, row_stats = torch_row_divergence_(logits_s, h_t[start:end].float() @ wt.T, w, kind=kind, beta=beta,
+                                                    temperature=temperature, grad_scale=1.0 / num_tokens,
+                                                    compute_grad=needs_grad)
+            loss += rows @ w
+            stats += w @ row_stats
             if needs_grad:
-                grad_z = grad_s.mul_((w / (num_tokens * temperature))[:, None])  # [C, V], d loss / d logits
-                grad_h[start:end] = grad_z @ ws
-                grad_w[:valid_vocab] += grad_z.T @ hs
+                grad_h[start:end] = logits_s @ ws
+                grad_w[:valid_vocab] += logits_s.T @ hs
         ctx.mark_non_differentiable(stats)
         if needs_grad:
             ctx.save_for_backward(grad_h.to(h_s.dtype), grad_w.to(w_s.dtype))
@@ -118,3 +126,65 @@ def chunked_token_logprobs(h_Nd: Tensor, w_Vd: Tensor, token_ids_N: Tensor, *, t
         z = (h_Nd[start:end].float() @ w.T) / temperature
         out[start:end] = z.gather(1, token_ids_N[start:end, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
     return out
+
+
+class ChunkedSampledRKL(torch.autograd.Function):
+    """Sampled-token reverse KL (see kernels/reference.py `sampled_rkl_loss`) in one pass over token chunks.
+
+    d loss / d log p_S(y_t) = g_t = -(w_t / num_tokens) * A_t * r_t where the unclipped branch is the minimum
+    (0 where the clipped one is); d log p_S(y_t) / d z = (onehot(y_t) - p_S) / T.
+    """
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, token_ids, teacher_logprobs, rollout_logprobs, weights, temperature, clip_ratio,
+                valid_vocab, num_tokens, chunk_size, needs_grad):
+        ws = w_s[:valid_vocab].float()
+        grad_h = torch.zeros_like(h_s, dtype=torch.float32) if needs_grad else None
+        grad_w = torch.zeros_like(w_s, dtype=torch.float32) if needs_grad else None
+        loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        # weighted sums: advantage (= -sampled reverse KL), ratio, clipped tokens; and max |log r|
+        stats = torch.zeros(4, dtype=torch.float32, device=h_s.device)
+        for start in range(0, h_s.shape[0], chunk_size):
+            end = min(start + chunk_size, h_s.shape[0])
+            hs, w, ids = h_s[start:end].float(), weights[start:end].float(), token_ids[start:end]
+            logp = torch.log_softmax(hs @ ws.T / temperature, dim=-1)  # [C, V]
+            logp_y = logp.gather(1, ids[:, None]).squeeze(1)
+            advantage = teacher_logprobs[start:end].float() - logp_y
+            log_ratio = logp_y - rollout_logprobs[start:end].float()
+            ratio = log_ratio.exp()
+            clipped = ratio.clamp(1 - clip_ratio, 1 + clip_ratio) * advantage
+            unclipped = ratio * advantage
+            loss -= torch.minimum(unclipped, clipped) @ w
+            active = unclipped <= clipped  # where the gradient flows through the ratio
+            stats += torch.stack([advantage @ w, ratio @ w, (~active).float() @ w, torch.zeros(())])
+            stats[3] = torch.maximum(stats[3], log_ratio.abs().max())
+            if needs_grad:
+                g = -(w / num_tokens) * advantage * ratio * active  # [C] d loss / d log p_S(y)
+                grad_z = logp.exp_().mul_(-g[:, None])  # -g p_S ...
+                grad_z.scatter_add_(1, ids[:, None], g[:, None])  # ... + g onehot(y)
+                grad_z.div_(temperature)
+                grad_h[start:end] = grad_z @ ws
+                grad_w[:valid_vocab] += grad_z.T @ hs
+        ctx.mark_non_differentiable(stats)
+        if needs_grad:
+            ctx.save_for_backward(grad_h.to(h_s.dtype), grad_w.to(w_s.dtype))
+        return loss / num_tokens, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, *([None] * 10)
+
+
+def chunked_sampled_rkl(h_s_Nd: Tensor, w_s_Vd: Tensor, token_ids_N: Tensor, teacher_logprobs_N: Tensor,
+                        rollout_logprobs_N: Tensor, weights_N: Tensor, *, num_tokens: float, temperature: float = 1.0,
+                        clip_ratio: float = 0.2, valid_vocab: int | None = None,
+                        chunk_size: int = 0) -> tuple[Tensor, Tensor]:
+    """Loss and detached stats `[4]`: weighted sums of the advantage log p_T(y) - log p_S(y), of the
+    importance ratio and of clipped tokens, and the max |log p_S(y) - log p_rollout(y)| (the canary)."""
+    valid_vocab = w_s_Vd.shape[0] if valid_vocab is None else valid_vocab
+    chunk_size = chunk_size or default_chunk_size(valid_vocab)
+    needs_grad = torch.is_grad_enabled() and (h_s_Nd.requires_grad or w_s_Vd.requires_grad)
+    return ChunkedSampledRKL.apply(h_s_Nd, w_s_Vd, token_ids_N, teacher_logprobs_N.detach(),
+                                   rollout_logprobs_N.detach(), weights_N, temperature, clip_ratio, valid_vocab,
+                                   float(num_tokens), chunk_size, needs_grad)

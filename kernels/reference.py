@@ -80,3 +80,22 @@ def _pad_columns(logits_NV: Tensor, width: int) -> Tensor:
         return logits_NV
     pad = logits_NV.new_full((logits_NV.shape[0], width - logits_NV.shape[-1]), float("-inf"))
     return torch.cat([logits_NV, pad], dim=-1)
+
+
+def sampled_rkl_loss(h_s_Nd: Tensor, w_s_Vd: Tensor, token_ids_N: Tensor, teacher_logprobs_N: Tensor,
+                     rollout_logprobs_N: Tensor, weights_N: Tensor, *, num_tokens: float, temperature: float = 1.0,
+                     clip_ratio: float = 0.2, valid_vocab: int | None = None) -> Tensor:
+    """The sampled-token reverse-KL estimator, materialised.
+
+    Per response token y_t: advantage A_t = log p_T(y_t) - log p_S(y_t), detached (its expectation under p_S
+    is -KL(p_S || p_T)); importance ratio r_t = p_S(y_t) / p_rollout(y_t); PPO-clipped surrogate
+    loss = -sum_t w_t min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t) / num_tokens.
+    On-policy (r = 1) its gradient is E[(log p_S - log p_T) grad log p_S], the reverse-KL policy gradient.
+    """
+    valid_vocab = w_s_Vd.shape[0] if valid_vocab is None else valid_vocab
+    logp = masked_log_softmax(h_s_Nd.float() @ w_s_Vd.float().T, temperature, valid_vocab)
+    logp_y = logp.gather(1, token_ids_N[:, None]).squeeze(1)
+    advantage = (teacher_logprobs_N.float() - logp_y).detach()
+    ratio = torch.exp(logp_y - rollout_logprobs_N.float())
+    surrogate = torch.minimum(ratio * advantage, ratio.clamp(1 - clip_ratio, 1 + clip_ratio) * advantage)
+    return -(surrogate * weights_N.float()).sum() / num_tokens

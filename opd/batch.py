@@ -75,12 +75,21 @@ class RolloutBatch:
 
 @dataclass
 class TeacherScores:
-    hidden_states: Tensor  # [num_response_tokens, d_teacher] fp32, final (normed) hidden states
+    """What the loss needs from the teacher: hidden states (full-vocabulary losses) or the log-prob of each
+    sampled token (sampled-token loss); the other field is None."""
+
     policy_version: int  # copied from the RolloutBatch it scores
+    hidden_states: Tensor | None = None  # [num_response_tokens, d_teacher] fp32, final (normed) hidden states
+    token_logprobs: Tensor | None = None  # [num_response_tokens] fp32, log p_T(sampled token) at loss temperature
 
     def check(self, batch: RolloutBatch) -> "TeacherScores":
-        assert self.hidden_states.dim() == 2 and self.hidden_states.shape[0] == batch.num_response_tokens
-        assert self.hidden_states.dtype == torch.float32
+        assert (self.hidden_states is None) != (self.token_logprobs is None), "exactly one of the two"
+        if self.hidden_states is not None:
+            assert self.hidden_states.dim() == 2 and self.hidden_states.shape[0] == batch.num_response_tokens
+            assert self.hidden_states.dtype == torch.float32
+        else:
+            assert self.token_logprobs.shape == (batch.num_response_tokens,)
+            assert self.token_logprobs.dtype == torch.float32
         assert self.policy_version == batch.policy_version
         return self
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-LOSSES = ("fkl", "rkl", "jsd")
+LOSSES = ("fkl", "rkl", "jsd", "sampled_rkl")
 MODES = ("cpu", "colocated", "split")
 ENGINES = ("hf",)
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 class ConfigError(ValueError):
@@ -67,16 +68,21 @@ class RolloutConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class LossConfig:
-    kind: str = "rkl"  # fkl = KL(p_T||p_S), rkl = KL(p_S||p_T), jsd = generalised JSD(beta)
+    # fkl = KL(p_T||p_S), rkl = KL(p_S||p_T), jsd = generalised JSD(beta), all over the full vocabulary;
+    # sampled_rkl = the sampled-token estimator (teacher minus student log-prob of the sampled token as a
+    # detached advantage, PPO-clipped importance ratio against the rollout log-probs)
+    kind: str = "rkl"
     beta: float = 0.5  # jsd only; 0 and 1 are fkl and rkl
     temperature: float = 1.0  # distillation temperature applied to both sides' logits
-    chunk_size: int = 0  # tokens per chunk of the fused loss; 0 = chosen from d and V
+    clip_ratio: float = 0.2  # sampled_rkl only: the ratio is clipped to [1 - clip_ratio, 1 + clip_ratio]
+    chunk_size: int = 0  # tokens per chunk of the fused loss; 0 = chosen from V
 
     def __post_init__(self):
         _require(self.kind in LOSSES, f"loss.kind={self.kind!r} is unknown: use one of {', '.join(LOSSES)}")
         _require(0 <= self.beta <= 1, f"loss.beta={self.beta} must be in [0, 1]")
         _require(self.temperature > 0, f"loss.temperature={self.temperature} must be > 0")
         _require(self.chunk_size >= 0, f"loss.chunk_size={self.chunk_size} must be >= 0 (0 = automatic)")
+        _require(0 < self.clip_ratio < 1, f"loss.clip_ratio={self.clip_ratio} must be in (0, 1)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +92,7 @@ class LearnerConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 at train.steps, after warmup)
 
     def __post_init__(self):
         _require(self.lr > 0, f"learner.lr={self.lr} must be > 0")
@@ -94,6 +101,8 @@ class LearnerConfig:
                  f"learner.adam_betas={self.adam_betas} must be two numbers in [0, 1)")
         _require(self.max_grad_norm > 0, f"learner.max_grad_norm={self.max_grad_norm} must be > 0")
         _require(self.warmup_steps >= 0, f"learner.warmup_steps={self.warmup_steps} must be >= 0")
+        _require(self.lr_schedule in LR_SCHEDULES,
+                 f"learner.lr_schedule={self.lr_schedule!r} is unknown: use one of {', '.join(LR_SCHEDULES)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,6 +144,12 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def __post_init__(self):
+        # The importance ratio compares the student's distribution with the sampler's: they must be the same one.
+        _require(self.loss.kind != "sampled_rkl" or self.loss.temperature == self.rollout.temperature,
+                 f"loss.kind=sampled_rkl needs loss.temperature ({self.loss.temperature}) equal to "
+                 f"rollout.temperature ({self.rollout.temperature}): set one to the other")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -145,15 +160,16 @@ class Config:
 def tiny_cpu() -> Config:
     """The embedded default: 2-digit addition, a 0.53 M teacher and a 0.13 M student (opd/toy.py).
 
-    Calibrated on a 2-core machine (docs/LOG.md): full-vocabulary reverse KL, 64 prompts x 1 sample,
-    AdamW lr 1e-3, reaches >= 90 % of the teacher's accuracy in a few hundred steps.
+    Calibrated on a 2-core machine (docs/LOG.md): full-vocabulary reverse KL, 64 prompts x 1 sample, AdamW
+    lr 2e-3 with cosine decay over 600 steps takes the student from ~19 % to 98-99 % held-out accuracy (the
+    teacher's is 99.2 %) for seeds 0, 1, 2; a constant 1e-3 needed ~800 steps.
     """
     return Config(
         model=ModelConfig(student="assets/toy/student", teacher="assets/toy/teacher"),
-        train=TrainConfig(steps=500, prompts_per_step=64, seed=0, eval_every=100),
+        train=TrainConfig(steps=600, prompts_per_step=64, seed=0, eval_every=100),
         rollout=RolloutConfig(num_samples=1, temperature=1.0, max_new_tokens=6),
         loss=LossConfig(kind="rkl"),
-        learner=LearnerConfig(lr=1e-3, max_grad_norm=1.0),
+        learner=LearnerConfig(lr=2e-3, lr_schedule="cosine", max_grad_norm=1.0),
     )
 
 

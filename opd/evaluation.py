@@ -22,7 +22,7 @@ def evaluate(actors, prompts: list[list[int]], prompt_texts: list[str], tokenize
     """`teacher_accuracy`: pass the cached value after the first evaluation (the teacher does not change)."""
     greedy = actors.rollout.generate.remote(prompts, seed=EVAL_SEED, greedy=True)
     sampled = actors.rollout.generate.remote(prompts, seed=EVAL_SEED)
-    kl = actors.learner.evaluate.remote(sampled, actors.teacher.score.remote(sampled))
+    kl = actors.learner.evaluate.remote(sampled, actors.teacher.score.remote(sampled, hidden_states=True))
     teacher = None if teacher_accuracy is not None else actors.teacher.generate.remote(
         prompts, max_new_tokens=max_new_tokens)
     out = {"eval/accuracy/student": accuracy(ray.get(greedy), prompt_texts, tokenizer)}

@@ -58,3 +58,9 @@ def test_driver_refuses_bad_config_before_ray(root, tmp_path, args, needle):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sampled_rkl_needs_the_sampler_temperature():
+    cfg = override(tiny_cpu(), "loss.kind=sampled_rkl")
+    with pytest.raises(ConfigError, match="loss.kind=sampled_rkl needs loss.temperature"):
+        override(cfg, "loss.temperature=2.0")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels.chunked import chunked_divergence, chunked_token_logprobs, default_chunk_size
-from kernels.reference import distill_loss, divergence, masked_log_softmax
+from kernels.chunked import chunked_divergence, chunked_sampled_rkl, chunked_token_logprobs, default_chunk_size
+from kernels.reference import distill_loss, divergence, masked_log_softmax, sampled_rkl_loss
 
 CASES = [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.0), ("jsd", 1.0)]
 
@@ -149,3 +149,45 @@ def test_default_chunk_size_bounds_the_block():
     for vocab in (16, 32_000, 151_936):
         c = default_chunk_size(vocab)
         assert c >= 1 and c & (c - 1) == 0 and (c == 1 or c * vocab <= 1 << 22)
+
+
+def _sampled_inputs(n=37, d=24, v=1031, valid=1000, temperature=1.3, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(n, d, generator=g) * 0.7).requires_grad_()
+    w = (torch.randn(v, d, generator=g) * 0.7).requires_grad_()
+    ids = torch.randint(0, valid, (n,), generator=g)
+    with torch.no_grad():  # a sampler a little off-policy, so some ratios leave the clip range
+        rollout = masked_log_softmax(h @ w.T, temperature, valid).gather(1, ids[:, None]).squeeze(1)
+        rollout += torch.randn(n, generator=g) * 0.3
+    teacher = rollout - torch.rand(n, generator=g) * 3
+    weights = (torch.rand(n, generator=g) > 0.25).float()
+    return h, w, ids, teacher, rollout, weights
+
+
+def test_sampled_rkl_matches_reference():
+    h, w, ids, teacher, rollout, weights = _sampled_inputs()
+    kw = dict(num_tokens=41, temperature=1.3, clip_ratio=0.2, valid_vocab=1000)
+    want = sampled_rkl_loss(h, w, ids, teacher, rollout, weights, **kw)
+    want_grads = torch.autograd.grad(want, [h, w])
+    for chunk in (1, 7, 37):
+        got, stats = chunked_sampled_rkl(h, w, ids, teacher, rollout, weights, chunk_size=chunk, **kw)
+        grads = torch.autograd.grad(got, [h, w])
+        _report("loss", got.detach(), want.detach(), 1e-5)
+        _report("grad h", grads[0], want_grads[0], 1e-5)
+        _report("grad w", grads[1], want_grads[1], 1e-5)
+        assert 0 < float(stats[2]) < float(weights.sum())  # some, not all, tokens clipped
+        assert torch.count_nonzero(grads[1][1000:]) == 0
+
+
+def test_sampled_rkl_on_policy_gradient_is_the_reverse_kl_score_function():
+    """On-policy (ratio 1) the gradient is sum_t w_t (log p_S - log p_T)(y_t) grad log p_S(y_t) / N."""
+    h, w, ids, teacher, _, weights = _sampled_inputs()
+    with torch.no_grad():
+        rollout = masked_log_softmax(h @ w.T, 1.0, 1031).gather(1, ids[:, None]).squeeze(1)
+    loss, stats = chunked_sampled_rkl(h, w, ids, teacher, rollout, weights, num_tokens=37)
+    got = torch.autograd.grad(loss, [h])[0]
+    logp = masked_log_softmax(h @ w.T, 1.0, 1031).gather(1, ids[:, None]).squeeze(1)
+    surrogate = ((logp.detach() - teacher) * logp * weights).sum() / 37
+    want = torch.autograd.grad(surrogate, [h])[0]
+    _report("grad h", got, want, 1e-5)
+    assert float(stats[3]) < 1e-5 and float(stats[2]) == 0  # no gap, nothing clipped

@@ -6,8 +6,7 @@ from transformers import AutoModelForCausalLM
 from actors.learner import LearnerActor
 from actors.rollout import RolloutActor
 from actors.teacher import TeacherActor
-from cluster import weights
-from kernels.reference import distill_loss
+from kernels.reference import distill_loss, sampled_rkl_loss
 from opd.config import override, tiny_cpu
 
 
@@ -39,5 +38,33 @@ def test_learner_loss_equals_reference_and_the_engine_sees_the_step(root):
         assert not torch.allclose(before, after)
         with torch.no_grad():
             assert torch.allclose(after, learner.model(input_ids=ids).logits, atol=1e-6)
+    finally:
+        learner.shutdown()
+
+
+def test_sampled_rkl_learner_matches_reference(root):
+    cfg = override(tiny_cpu(), "loss.kind=sampled_rkl")
+    learner, teacher, rollout = LearnerActor(cfg), TeacherActor(cfg), RolloutActor(cfg)
+    try:
+        learner.set_teacher_head(teacher.output_head())
+        rollout.load_weights(learner.export_weights())
+        batch = rollout.generate([[3, 4, 14, 5, 6, 15], [13, 12, 14, 4, 4, 15]], seed=1)
+        scores = teacher.score(batch)
+        assert scores.hidden_states is None  # only the sampled tokens' log-probs cross the boundary
+        ids, mask, pos = batch.padded(learner.pad_id)
+        tmodel = AutoModelForCausalLM.from_pretrained(root / "assets/toy/teacher", dtype=torch.float32)
+        with torch.no_grad():
+            t_logp = torch.log_softmax(tmodel(input_ids=ids, attention_mask=mask).logits.flatten(0, 1)[pos], -1)
+        assert torch.allclose(scores.token_logprobs, t_logp.gather(1, batch.response_ids[:, None]).squeeze(1),
+                              atol=1e-5)
+        student = AutoModelForCausalLM.from_pretrained(root / "assets/toy/student", dtype=torch.float32)
+        h_s = student.model(input_ids=ids, attention_mask=mask).last_hidden_state.flatten(0, 1)[pos]
+        n = batch.num_response_tokens
+        want = sampled_rkl_loss(h_s, student.lm_head.weight, batch.response_ids, scores.token_logprobs,
+                                batch.logprobs, torch.ones(n), num_tokens=n)
+        metrics = learner.train_step(batch, scores)
+        assert abs(metrics["loss"] - float(want.detach())) < 1e-5
+        assert metrics["logprob/learner_minus_rollout/absmax"] < 1e-4
+        assert abs(metrics["is_ratio/mean"] - 1) < 1e-4 and metrics["is_ratio/clipped_fraction"] == 0
     finally:
         learner.shutdown()
