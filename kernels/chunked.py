@@ -22,13 +22,41 @@ import math
 import torch
 from torch import Tensor
 
-# A [chunk, V] fp32 block of this many elements is 16 MiB; the chunk is chosen so one block stays near it.
-_CHUNK_ELEMENTS = 1 << 22
+# Elements of one [chunk, V] fp32 block: 16 MiB on CPU, 256 MiB on GPU, where the Triton kernel runs one program
+# per row and needs hundreds of rows to fill the SMs.
+_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
-def default_chunk_size(vocab: int) -> int:
-    """Largest power of two with chunk * vocab <= 4 Mi elements (at least 1)."""
-    return 1 << max(0, int(math.floor(math.log2(max(1, _CHUNK_ELEMENTS // vocab)))))
+def default_chunk_size(vocab: int, hidden: int = 1024, device: str = "cpu") -> int:
+    """Tokens per chunk: a power of two, as large as the device's [chunk, V] block budget allows, but never so
+    small that the [chunk, d] x [d, V] products re-read the output weight for a handful of rows (measured on
+    CPU at V=152k, d=256: chunks of 16 rows made the matmuls 5x slower than chunks of 256; docs/LOG.md).
+    Depends on V and d only, so the extra memory is O(chunk x V) whatever the number of tokens."""
+    budget = _CHUNK_ELEMENTS.get(device, _CHUNK_ELEMENTS["cpu"])
+    by_memory = 1 << max(0, int(math.floor(math.log2(max(1, budget // vocab)))))
+    by_reuse = min(256, max(32, 1 << int(math.ceil(math.log2(max(1, (1 << 15) // hidden))))))
+    return max(by_memory, by_reuse)
+
+
+def _row_function(device: torch.device, backend: str):
+    """backend "auto": the Triton kernel on CUDA when triton is installed, the torch rows otherwise (same
+    contract); "torch" or "triton" force one (tests run "triton" on CPU under TRITON_INTERPRET=1)."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend={backend!r} is unknown: use auto, torch or triton")
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return torch_row_divergence_
+    try:
+        from kernels.triton_kl import row_divergence_
+    except ImportError:
+        if backend == "triton":
+            raise
+        return torch_row_divergence_
+    return row_divergence_
+
+
+def _rowdot(a_CV: Tensor, b_CV: Tensor) -> Tensor:
+    """sum_v a[c, v] * b[c, v] per row, without materialising the product (a batched matmul)."""
+    return torch.einsum("cv,cv->c", a_CV, b_CV)
 
 
 def torch_row_divergence_(student_CV: Tensor, teacher_CV: Tensor, weights_C: Tensor, *, kind: str, beta: float,
@@ -36,32 +64,47 @@ def torch_row_divergence_(student_CV: Tensor, teacher_CV: Tensor, weights_C: Ten
     """The per-row work in torch (any device): returns per-row divergence `[C]` and per-row (forward KL,
     reverse KL, student entropy) `[C, 3]`, unweighted, and overwrites `student_CV` with
     d(sum_i weights_i * rows_i * grad_scale) / d(student logits). All columns are valid here (the caller cut
-    the vocabulary). Same contract as kernels/triton_kl.py's `row_divergence_`."""
-    logp_s = torch.log_softmax(student_CV.float() / temperature, dim=-1)
-    logp_t = torch.log_softmax(teacher_CV.float() / temperature, dim=-1)
+    the vocabulary). Same contract as kernels/triton_kl.py's `row_divergence_`.
+
+    Written for memory traffic: every [C, V] pass costs about the same, so row sums are batched dot products
+    and the gradient is built in the student's buffer in place.
+    """
+    z_s, z_t = student_CV.float(), teacher_CV.float()
+    if temperature != 1.0:
+        z_s, z_t = z_s / temperature, z_t / temperature
+    logp_s = torch.log_softmax(z_s, dim=-1)
+    logp_t = torch.log_softmax(z_t, dim=-1)
+    del z_s, z_t
     p_s, p_t = logp_s.exp(), logp_t.exp()
-    log_ratio = logp_s - logp_t  # log p_S - log p_T
-    rkl = (p_s * log_ratio).sum(-1)
-    stats = torch.stack([-(p_t * log_ratio).sum(-1), rkl, -(p_s * logp_s).sum(-1)], dim=-1)
+    log_ratio = logp_s.sub(logp_t)  # log p_S - log p_T
+    rkl, fkl = _rowdot(p_s, log_ratio), -_rowdot(p_t, log_ratio)
+    stats = torch.stack([fkl, rkl, -_rowdot(p_s, logp_s)], dim=-1)
+    coef = (weights_C.float() * (grad_scale / temperature))[:, None]  # chain rule through s = z / T
+    out = student_CV if student_CV.dtype == torch.float32 else torch.empty_like(log_ratio)
     if kind == "fkl" or (kind == "jsd" and beta == 0.0):
-        rows, grad = stats[:, 0], (p_s - p_t) if compute_grad else None
+        rows = fkl
+        if compute_grad:
+            torch.sub(p_s, p_t, out=out).mul_(coef)
     elif kind == "rkl" or (kind == "jsd" and beta == 1.0):
-        rows, grad = rkl, p_s * (log_ratio - rkl[:, None]) if compute_grad else None
+        rows = rkl
+        if compute_grad:
+            torch.sub(log_ratio, rkl[:, None], out=out).mul_(p_s).mul_(coef)
     else:
         log_m = torch.logaddexp(logp_t + math.log(beta), logp_s + math.log1p(-beta))
-        log_ratio_m = logp_s - log_m
-        kl_s_m = (p_s * log_ratio_m).sum(-1)
-        rows = beta * (p_t * (logp_t - log_m)).sum(-1) + (1 - beta) * kl_s_m
-        grad = (1 - beta) * p_s * (log_ratio_m - kl_s_m[:, None]) if compute_grad else None
-    if compute_grad:
-        student_CV.copy_(grad.mul_((weights_C.float() * (grad_scale / temperature))[:, None]))
+        log_ratio_m = logp_s.sub_(log_m)  # logp_s is not needed any more: reuse its memory
+        kl_s_m = _rowdot(p_s, log_ratio_m)
+        rows = beta * _rowdot(p_t, logp_t.sub_(log_m)) + (1 - beta) * kl_s_m
+        if compute_grad:
+            torch.sub(log_ratio_m, kl_s_m[:, None], out=out).mul_(p_s).mul_(coef * (1 - beta))
+    if compute_grad and out is not student_CV:
+        student_CV.copy_(out)
     return rows, stats
 
 
 class ChunkedDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, weights, kind, beta, temperature, valid_vocab, num_tokens,
-                chunk_size, needs_grad):
+                chunk_size, needs_grad, backend):
         num_rows = h_s.shape[0]
         # Columns >= valid_vocab would be -inf on both sides: leaving them out of the matmul is the same
         # softmax, and their weight rows get exactly zero gradient.
@@ -71,18 +114,20 @@ class ChunkedDivergence(torch.autograd.Function):
         grad_w = torch.zeros_like(w_s, dtype=torch.float32) if needs_grad else None
         loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
         stats = torch.zeros(3, dtype=torch.float32, device=h_s.device)  # weighted sums: fkl, rkl, entropy
+        row_divergence = _row_function(h_s.device, backend)
+        extra = {"valid_vocab": valid_vocab} if row_divergence is not torch_row_divergence_ else {}
         for start in range(0, num_rows, chunk_size):
             end = min(start + chunk_size, num_rows)
             hs, w = h_s[start:end].float(), weights[start:end].float()
             logits_s = hs @ ws.T  # [C, V] fp32; becomes d loss / d logits in place
-            rows, row_stats = torch_row_divergence_(logits_s, h_t[start:end].float() @ wt.T, w, kind=kind, beta=beta,
-                                                    temperature=temperature, grad_scale=1.0 / num_tokens,
-                                                    compute_grad=needs_grad)
+            rows, row_stats = row_divergence(logits_s, h_t[start:end].float() @ wt.T, w, kind=kind, beta=beta,
+                                             temperature=temperature, grad_scale=1.0 / num_tokens,
+                                             compute_grad=needs_grad, **extra)
             loss += rows @ w
             stats += w @ row_stats
             if needs_grad:
                 grad_h[start:end] = logits_s @ ws
-                grad_w[:valid_vocab] += logits_s.T @ hs
+                grad_w[:valid_vocab].addmm_(logits_s.T, hs)  # in place: no [V, d] temporary per chunk
         ctx.mark_non_differentiable(stats)
         if needs_grad:
             ctx.save_for_backward(grad_h.to(h_s.dtype), grad_w.to(w_s.dtype))
@@ -91,26 +136,28 @@ class ChunkedDivergence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, *([None] * 10)
+        return grad_h * grad_loss, grad_w * grad_loss, *([None] * 11)
 
 
 def chunked_divergence(h_s_Nd: Tensor, w_s_Vd: Tensor, h_t_Nd: Tensor, w_t_Vd: Tensor, weights_N: Tensor, *,
                        kind: str, num_tokens: float, beta: float = 0.5, temperature: float = 1.0,
-                       valid_vocab: int | None = None, chunk_size: int = 0) -> tuple[Tensor, Tensor]:
+                       valid_vocab: int | None = None, chunk_size: int = 0,
+                       backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Loss `sum_i weight_i * D_i / num_tokens` (see kernels/reference.py) and detached weighted sums
     `[3]` of forward KL, reverse KL and student entropy (divide by the token count for means).
 
     h_s_Nd: student final hidden states; w_s_Vd: student output weight (gets a gradient, tied or not);
     h_t_Nd, w_t_Vd: teacher hidden states and output weight (no gradient); weights_N: per-token weights;
-    valid_vocab: the tokenizer's size (<= both row counts); chunk_size: tokens per chunk, 0 = automatic.
+    valid_vocab: the tokenizer's size (<= both row counts); chunk_size: tokens per chunk, 0 = automatic;
+    backend: the per-row work in "torch" or "triton" (kernels/triton_kl.py); "auto" = Triton on CUDA.
     """
     assert h_s_Nd.shape[0] == h_t_Nd.shape[0] == weights_N.shape[0], "one row per response token"
     valid_vocab = min(w_s_Vd.shape[0], w_t_Vd.shape[0]) if valid_vocab is None else valid_vocab
     assert valid_vocab <= min(w_s_Vd.shape[0], w_t_Vd.shape[0])
-    chunk_size = chunk_size or default_chunk_size(valid_vocab)
+    chunk_size = chunk_size or default_chunk_size(valid_vocab, h_s_Nd.shape[1], h_s_Nd.device.type)
     needs_grad = torch.is_grad_enabled() and (h_s_Nd.requires_grad or w_s_Vd.requires_grad)
     return ChunkedDivergence.apply(h_s_Nd, w_s_Vd, h_t_Nd.detach(), w_t_Vd.detach(), weights_N, kind, beta,
-                                   temperature, valid_vocab, float(num_tokens), chunk_size, needs_grad)
+                                   temperature, valid_vocab, float(num_tokens), chunk_size, needs_grad, backend)
 
 
 @torch.no_grad()
@@ -118,7 +165,7 @@ def chunked_token_logprobs(h_Nd: Tensor, w_Vd: Tensor, token_ids_N: Tensor, *, t
                            valid_vocab: int | None = None, chunk_size: int = 0) -> Tensor:
     """log softmax(h @ w.T / T)[token] per row `[N]` fp32, one `[chunk, V]` block at a time (no gradient)."""
     valid_vocab = w_Vd.shape[0] if valid_vocab is None else valid_vocab
-    chunk_size = chunk_size or default_chunk_size(valid_vocab)
+    chunk_size = chunk_size or default_chunk_size(valid_vocab, h_Nd.shape[1], h_Nd.device.type)
     w = w_Vd[:valid_vocab].float()
     out = torch.empty(h_Nd.shape[0], dtype=torch.float32, device=h_Nd.device)
     for start in range(0, h_Nd.shape[0], chunk_size):
@@ -164,7 +211,7 @@ class ChunkedSampledRKL(torch.autograd.Function):
                 grad_z.scatter_add_(1, ids[:, None], g[:, None])  # ... + g onehot(y)
                 grad_z.div_(temperature)
                 grad_h[start:end] = grad_z @ ws
-                grad_w[:valid_vocab] += grad_z.T @ hs
+                grad_w[:valid_vocab].addmm_(grad_z.T, hs)
         ctx.mark_non_differentiable(stats)
         if needs_grad:
             ctx.save_for_backward(grad_h.to(h_s.dtype), grad_w.to(w_s.dtype))
@@ -183,7 +230,7 @@ def chunked_sampled_rkl(h_s_Nd: Tensor, w_s_Vd: Tensor, token_ids_N: Tensor, tea
     """Loss and detached stats `[4]`: weighted sums of the advantage log p_T(y) - log p_S(y), of the
     importance ratio and of clipped tokens, and the max |log p_S(y) - log p_rollout(y)| (the canary)."""
     valid_vocab = w_s_Vd.shape[0] if valid_vocab is None else valid_vocab
-    chunk_size = chunk_size or default_chunk_size(valid_vocab)
+    chunk_size = chunk_size or default_chunk_size(valid_vocab, h_s_Nd.shape[1], h_s_Nd.device.type)
     needs_grad = torch.is_grad_enabled() and (h_s_Nd.requires_grad or w_s_Vd.requires_grad)
     return ChunkedSampledRKL.apply(h_s_Nd, w_s_Vd, token_ids_N, teacher_logprobs_N.detach(),
                                    rollout_logprobs_N.detach(), weights_N, temperature, clip_ratio, valid_vocab,

@@ -200,7 +200,7 @@ def row_divergence_(student_CV: Tensor, teacher_CV: Tensor, weights_C: Tensor, *
     code = _resolve_kind(kind, beta)
     _check_inputs(student_CV, teacher_CV, weights_C, temperature, valid_vocab)
     if triton is None:
-        raise ValueError("row_divergence_ needs triton (pip install triton); ref_row_divergence needs only torch")
+        raise ImportError("row_divergence_ needs triton (pip install triton); ref_row_divergence needs only torch")
     num_rows, vocab = student_CV.shape
     block_v = block_v or min(_DEFAULT_BLOCK_V, triton.next_power_of_2(valid_vocab))
     if block_v & (block_v - 1):

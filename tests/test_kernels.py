@@ -145,10 +145,14 @@ def test_token_logprobs_match_log_softmax():
     _report("logprobs", got, want.detach(), 1e-5)
 
 
-def test_default_chunk_size_bounds_the_block():
+def test_default_chunk_size_depends_on_v_and_d_only():
     for vocab in (16, 32_000, 151_936):
-        c = default_chunk_size(vocab)
-        assert c >= 1 and c & (c - 1) == 0 and (c == 1 or c * vocab <= 1 << 22)
+        for hidden in (64, 256, 1536, 4096):
+            c = default_chunk_size(vocab, hidden)
+            assert c & (c - 1) == 0 and 32 <= c  # a power of two, never a handful of rows
+            assert c * vocab <= max(1 << 22, 256 * vocab)  # bounded block: O(chunk x V), not O(N x V)
+    assert default_chunk_size(16, 256) == 1 << 18  # tiny vocabularies: one chunk covers any batch here
+    assert default_chunk_size(151_936, 256) == 128 and default_chunk_size(151_936, 4096) == 32
 
 
 def _sampled_inputs(n=37, d=24, v=1031, valid=1000, temperature=1.3, seed=3):

@@ -10,14 +10,17 @@ from kernels.reference import distill_loss, sampled_rkl_loss
 from opd.config import override, tiny_cpu
 
 
-def test_learner_loss_equals_reference_and_the_engine_sees_the_step(root):
+def test_learner_loss_equals_reference_and_the_engine_sees_the_step(root, tmp_path):
     cfg = override(override(tiny_cpu(), "loss.kind=jsd"), "loss.temperature=1.5")
     learner, teacher, rollout = LearnerActor(cfg), TeacherActor(cfg), RolloutActor(cfg)
     try:
         learner.set_teacher_head(teacher.output_head())
         rollout.load_weights(learner.export_weights())
         batch = rollout.generate([[3, 4, 14, 5, 6, 15]] * 2 + [[13, 12, 14, 4, 4, 15]], seed=0)
-        scores = teacher.score(batch)
+        # A saved batch: what crosses the actor boundary survives a round trip through a file.
+        torch.save({"batch": batch, "scores": teacher.score(batch)}, tmp_path / "batch.pt")
+        saved = torch.load(tmp_path / "batch.pt", weights_only=False)
+        batch, scores = saved["batch"].check(), saved["scores"]
 
         # Reference: a fresh copy of the student, materialised logits, autograd.
         student = AutoModelForCausalLM.from_pretrained(root / "assets/toy/student", dtype=torch.float32)
