@@ -126,7 +126,6 @@ def run(cfg: Config) -> dict:
         plot_learning_curve(run_dir)
     finally:
         if actors is not None:
-            ray.get(actors.learner.shutdown.remote())
             actors.shutdown()
         if started_ray:
             ray.shutdown()

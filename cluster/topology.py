@@ -55,6 +55,11 @@ class Actors:
     group: PlacementGroup
 
     def shutdown(self) -> None:
+        """Release the learner's shared buffer, then stop the actors this run started (by handle)."""
+        try:
+            ray.get(self.learner.shutdown.remote(), timeout=60)
+        except (ray.exceptions.RayError, TimeoutError) as e:  # a dead learner: its file may stay in /dev/shm
+            logging.getLogger(__name__).warning("learner shutdown failed (%s)", type(e).__name__)
         for handle in (self.rollout, self.teacher, self.learner):
             ray.kill(handle)
         remove_placement_group(self.group)
