@@ -56,10 +56,15 @@ def plot_learning_curve(run_dir: Path) -> Path:
     evals = read_jsonl(run_dir / "eval.jsonl")
     fig, (ax_train, ax_kl, ax_acc) = plt.subplots(1, 3, figsize=(15, 4))
     x = [r["step"] for r in steps]
+    values = []
     for key in ("loss", "kl/reverse/mean", "kl/forward/mean", "kl/reverse/sampled_mean"):
         if steps and key in steps[0]:
-            ax_train.plot(x, [r[key] for r in steps], label=key, linewidth=0.8)
-    ax_train.set(title="training (per step)", xlabel="step", yscale="symlog")
+            ys = [r[key] for r in steps]
+            values += ys
+            ax_train.plot(x, ys, label=key, linewidth=0.8, linestyle=":" if key == "loss" else "-")
+    # log scale for KLs; the sampled estimator's surrogate loss can be negative
+    ax_train.set(title="training (per step)", xlabel="step",
+                 yscale="log" if values and min(values) > 0 else "symlog")
     ax_train.legend()
     ex = [r["step"] for r in evals]
     for key in ("eval/kl/reverse/mean", "eval/kl/forward/mean"):
