@@ -101,7 +101,25 @@ def torch_row_divergence_(student_CV: Tensor, teacher_CV: Tensor, weights_C: Ten
     return rows, stats
 
 
-class ChunkedDivergence(torch.autograd.Function):
+class _GradsInForward(torch.autograd.Function):
+    """Shared by the chunked losses: forward already computed d loss / d h_s and d loss / d w_s (the loss is
+    scalar), so backward only scales them by the incoming gradient. The first two inputs are h_s and w_s."""
+
+    @staticmethod
+    def finish(ctx, h_s, w_s, loss, stats, grad_h, grad_w, num_inputs: int):
+        ctx.mark_non_differentiable(stats)
+        ctx.num_inputs = num_inputs
+        if grad_h is not None:
+            ctx.save_for_backward(grad_h.to(h_s.dtype), grad_w.to(w_s.dtype))
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, *([None] * (ctx.num_inputs - 2))
+
+
+class ChunkedDivergence(_GradsInForward):
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, weights, kind, beta, temperature, valid_vocab, num_tokens,
                 chunk_size, needs_grad, backend):
@@ -128,15 +146,7 @@ class ChunkedDivergence(torch.autograd.Function):
             if needs_grad:
                 grad_h[start:end] = logits_s @ ws
                 grad_w[:valid_vocab].addmm_(logits_s.T, hs)  # in place: no [V, d] temporary per chunk
-        ctx.mark_non_differentiable(stats)
-        if needs_grad:
-            ctx.save_for_backward(grad_h.to(h_s.dtype), grad_w.to(w_s.dtype))
-        return loss / num_tokens, stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, *([None] * 11)
+        return _GradsInForward.finish(ctx, h_s, w_s, loss / num_tokens, stats, grad_h, grad_w, num_inputs=13)
 
 
 def chunked_divergence(h_s_Nd: Tensor, w_s_Vd: Tensor, h_t_Nd: Tensor, w_t_Vd: Tensor, weights_N: Tensor, *,
@@ -175,7 +185,7 @@ def chunked_token_logprobs(h_Nd: Tensor, w_Vd: Tensor, token_ids_N: Tensor, *, t
     return out
 
 
-class ChunkedSampledRKL(torch.autograd.Function):
+class ChunkedSampledRKL(_GradsInForward):
     """Sampled-token reverse KL (see kernels/reference.py `sampled_rkl_loss`) in one pass over token chunks.
 
     d loss / d log p_S(y_t) = g_t = -(w_t / num_tokens) * A_t * r_t where the unclipped branch is the minimum
@@ -212,15 +222,7 @@ class ChunkedSampledRKL(torch.autograd.Function):
                 grad_z.div_(temperature)
                 grad_h[start:end] = grad_z @ ws
                 grad_w[:valid_vocab].addmm_(grad_z.T, hs)
-        ctx.mark_non_differentiable(stats)
-        if needs_grad:
-            ctx.save_for_backward(grad_h.to(h_s.dtype), grad_w.to(w_s.dtype))
-        return loss / num_tokens, stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, *([None] * 10)
+        return _GradsInForward.finish(ctx, h_s, w_s, loss / num_tokens, stats, grad_h, grad_w, num_inputs=12)
 
 
 def chunked_sampled_rkl(h_s_Nd: Tensor, w_s_Vd: Tensor, token_ids_N: Tensor, teacher_logprobs_N: Tensor,

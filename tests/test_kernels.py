@@ -195,3 +195,24 @@ def test_sampled_rkl_on_policy_gradient_is_the_reverse_kl_score_function():
     want = torch.autograd.grad(surrogate, [h])[0]
     _report("grad h", got, want, 1e-5)
     assert float(stats[3]) < 1e-5 and float(stats[2]) == 0  # no gap, nothing clipped
+
+
+def test_sampled_rkl_chunk_sizes_agree_and_bf16_is_close():
+    h, w, ids, teacher, rollout, weights = _sampled_inputs()
+    kw = dict(num_tokens=37, temperature=1.3, valid_vocab=1000)
+    results = []
+    for chunk in (1, 7, 37):
+        loss, _ = chunked_sampled_rkl(h, w, ids, teacher, rollout, weights, chunk_size=chunk, **kw)
+        results.append((loss.detach(), torch.autograd.grad(loss, [h, w])))
+    for loss, grads in results[1:]:
+        _report("loss", loss, results[0][0], 1e-6)
+        _report("grad h", grads[0], results[0][1][0], 1e-6)
+        _report("grad w", grads[1], results[0][1][1], 1e-6)
+    h16, w16 = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    loss16, _ = chunked_sampled_rkl(h16, w16, ids, teacher, rollout, weights, chunk_size=7, **kw)
+    h32 = h16.detach().float().requires_grad_()  # the reference on the same (bf16-rounded) inputs, in fp32
+    want = sampled_rkl_loss(h32, w16.detach().float(), ids, teacher, rollout, weights, **kw)
+    assert abs(float(loss16.detach()) - float(want.detach())) <= 2e-2 * abs(float(want.detach()))
+    g16, want_g = torch.autograd.grad(loss16, [h16])[0], torch.autograd.grad(want, [h32])[0]
+    assert g16.dtype == torch.bfloat16
+    assert float((g16.float() - want_g).abs().max()) <= 2e-2 * float(want_g.abs().max())
