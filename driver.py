@@ -8,15 +8,10 @@
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import sys
 import time
-from pathlib import Path
 
-from opd.config import Config, ConfigError, override, preset, resolve_path
-
-TOY_ASSETS = "assets/toy"  # the embedded default's tokenizer, teacher and student (python -m opd.toy)
+from opd.config import Config, ConfigError, override, preset
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -32,56 +27,29 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return cfg
 
 
-def prepare(cfg: Config) -> Path:
-    """Everything that can refuse the run does so here, before Ray starts. Returns the run directory."""
-    from cluster.resources import check_devices
-    from opd import toy
-
-    for side in ("student", "teacher"):
-        path = resolve_path(getattr(cfg.model, side))
-        if path == resolve_path(TOY_ASSETS) / side:
-            toy.ensure_assets(resolve_path(TOY_ASSETS))  # the embedded models: built once, then cached
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model.{side}={getattr(cfg.model, side)}: no Hugging Face model folder (config.json) "
-                              f"at {path}; give a local model folder")
-    check_devices(cfg)
-    out_dir = Path(cfg.run.out_dir).expanduser()
-    if not out_dir.is_absolute() and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
-        print(f"warning: run.out_dir={cfg.run.out_dir} is relative; inside a Ray job it lands in the job's temporary "
-              f"working_dir. Pass an absolute path (--set run.out_dir=$PWD/runs).", file=sys.stderr)
-    name = cfg.run.name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = out_dir.resolve() / name
-    try:
-        run_dir.mkdir(parents=True, exist_ok=False)
-    except FileExistsError:
-        raise ConfigError(f"run directory {run_dir} exists: pick another run.name") from None
-    except OSError as e:
-        raise ConfigError(f"run.out_dir={cfg.run.out_dir}: cannot create {run_dir} ({e.strerror})") from None
-    from opd.metrics import write_json_atomic
-
-    write_json_atomic(run_dir / "config.json", cfg.to_dict())
-    return run_dir
-
-
 def run(cfg: Config) -> dict:
-    run_dir = prepare(cfg)
+    from opd.preflight import preflight
+
+    prepared = preflight(cfg)  # every refusal happens here, before Ray starts
+    run_dir = prepared.run_dir
     import ray
     from tqdm import tqdm
-    from transformers import AutoTokenizer
 
     from cluster import topology
-    from opd.data import PromptStream, eval_prompts
+    from opd.data import PromptStream, student_ids, teacher_ids
     from opd.evaluation import evaluate
     from opd.metrics import RunLog, plot_learning_curve
+    from actors.common import model_source
+    from opd.models import load_tokenizer
 
     started_ray = topology.connect(cfg)
     actors = None
     try:
         actors = topology.launch(cfg)
-        tokenizer = AutoTokenizer.from_pretrained(resolve_path(cfg.model.student))
-        stream = PromptStream(tokenizer, cfg.train.seed)
-        eval_ids, eval_texts = eval_prompts(tokenizer, cfg.data.num_eval_prompts)
+        tokenizer = load_tokenizer(model_source(cfg.model.student))
+        stream = PromptStream(prepared.prompts.train, cfg.train.seed)
         log = RunLog(run_dir)
+        log.log_data_counts(prepared.prompts.counts)
 
         # The teacher's output head reaches the learner once (frozen); the learner's weights reach the engine
         # once as a shared-buffer handle, after which a sync only publishes the version.
@@ -89,7 +57,7 @@ def run(cfg: Config) -> dict:
         version = ray.get(actors.rollout.load_weights.remote(actors.learner.export_weights.remote()))
 
         def run_eval(step: int, teacher_accuracy=None) -> dict:
-            metrics = evaluate(actors, eval_ids, eval_texts, tokenizer, cfg.rollout.max_new_tokens, teacher_accuracy)
+            metrics = evaluate(actors, prepared.prompts, tokenizer, cfg.rollout.max_new_tokens, teacher_accuracy)
             log.log_eval(step, metrics)
             return metrics
 
@@ -97,12 +65,12 @@ def run(cfg: Config) -> dict:
         bar = tqdm(range(1, cfg.train.steps + 1), desc="opd", disable=not cfg.run.progress, dynamic_ncols=True)
         for step in bar:
             t0 = time.perf_counter()
+            prompts = stream.next_batch(cfg.train.prompts_per_step)
             # The rollout holds version `version` (checked after the last sync), so generate samples on-policy.
-            batch = actors.rollout.generate.remote(stream.next_batch(cfg.train.prompts_per_step),
-                                                   seed=cfg.train.seed * 1_000_003 + step)
+            batch = actors.rollout.generate.remote(student_ids(prompts), seed=cfg.train.seed * 1_000_003 + step)
             ray.wait([batch], fetch_local=False)  # timing only: the batch goes actor to actor, not via here
             t1 = time.perf_counter()
-            scores = actors.teacher.score.remote(batch)
+            scores = actors.teacher.score.remote(batch, teacher_prompts=teacher_ids(prompts))
             ray.wait([scores], fetch_local=False)
             t2 = time.perf_counter()
             metrics = ray.get(actors.learner.train_step.remote(batch, scores))

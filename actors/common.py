@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import AutoTokenizer
 
 from opd.config import Config, resolve_path
+from opd.models import load_model, load_tokenizer
 
 
 def init_process(cfg: Config) -> None:
@@ -25,8 +25,19 @@ def quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def special_ids(model_path: str) -> tuple[int, int, int]:
-    """(eos id, pad id, tokenizer vocabulary size) of a model folder's tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_path(model_path))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return tokenizer.eos_token_id, pad_id, len(tokenizer)
+def model_source(name: str) -> str:
+    """A model setting as transformers takes it: the project-relative folder if it exists, else the hub id."""
+    path = resolve_path(name)
+    return str(path) if path.exists() else name
+
+
+def special_ids(model_name: str) -> tuple[int, int, int]:
+    """(eos id, pad id, tokenizer vocabulary size) of a model's tokenizer."""
+    tokenizer = load_tokenizer(model_source(model_name))
+    return tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)
+
+
+def load(cfg: Config, side: str, *, dtype: str | None = None):
+    """The student or teacher model, in `dtype` (default: model.dtype) with the configured attention."""
+    return load_model(model_source(getattr(cfg.model, side)), dtype=dtype or cfg.model.dtype,
+                      attn_implementation=cfg.model.attn_implementation or None)

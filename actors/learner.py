@@ -10,13 +10,13 @@ import time
 import uuid
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import AutoTokenizer, get_scheduler
 
-from actors.common import init_process, special_ids
+from actors.common import init_process, load, model_source, special_ids
 from cluster import weights
 from kernels.chunked import chunked_divergence, chunked_sampled_rkl, chunked_token_logprobs
 from opd.batch import OutputHead, RolloutBatch, TeacherScores
-from opd.config import Config, resolve_path
+from opd.config import Config
 
 
 class LearnerActor:
@@ -25,8 +25,7 @@ class LearnerActor:
         torch.manual_seed(cfg.train.seed)
         self.cfg = cfg
         self.eos_id, self.pad_id, self.vocab_size = special_ids(cfg.model.student)
-        self.model = AutoModelForCausalLM.from_pretrained(resolve_path(cfg.model.student), dtype=torch.float32)
-        self.model.train()
+        self.model = load(cfg, "student", dtype="float32").train()  # fp32 master weights
         self.shared = weights.share_parameters(self.model, f"student-{uuid.uuid4().hex[:8]}")
         lc = cfg.learner
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lc.lr, betas=lc.adam_betas,
@@ -140,7 +139,7 @@ class LearnerActor:
     def save(self, path: str) -> str:
         """The student in Hugging Face format (safetensors) with its tokenizer."""
         self.model.save_pretrained(path, safe_serialization=True)
-        AutoTokenizer.from_pretrained(resolve_path(self.cfg.model.student)).save_pretrained(path)
+        AutoTokenizer.from_pretrained(model_source(self.cfg.model.student)).save_pretrained(path)
         return path
 
     def shutdown(self) -> None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from actors.common import init_process, special_ids
+from actors.common import init_process, load, special_ids
 from actors.engines.hf import HFEngine
 from cluster.weights import WeightUpdate
 from opd.batch import RolloutBatch
-from opd.config import Config, resolve_path
+from opd.config import Config
 
 
 class RolloutActor:
@@ -14,7 +14,8 @@ class RolloutActor:
         init_process(cfg)
         self.cfg = cfg
         eos_id, pad_id, _ = special_ids(cfg.model.student)
-        self.engine = HFEngine.from_pretrained(str(resolve_path(cfg.model.student)), eos_id=eos_id, pad_id=pad_id)
+        # cpu mode: the engine's parameters become views of the learner's fp32 buffer, so load it in fp32
+        self.engine = HFEngine(load(cfg, "student", dtype="float32"), eos_id=eos_id, pad_id=pad_id)
 
     def generate(self, prompts: list[list[int]], *, seed: int, greedy: bool = False) -> RolloutBatch:
         r = self.cfg.rollout

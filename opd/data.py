@@ -1,34 +1,91 @@
-"""Prompt streams: token ids for each step, with a cursor that a checkpoint can save and restore."""
+"""Prompt sets for a run (the toy task or a dataset file) and the training stream over them, with a cursor that a
+checkpoint can save and restore."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from opd import toy
+from opd.config import ConfigError, DataConfig, resolve_path
+from opd.prompts import Prompt, render
+
+
+@dataclass
+class PromptSet:
+    train: list[Prompt]
+    eval: list[Prompt]
+    # (prompt, decoded response) -> correct?; None when the prompt has no gold answer
+    checker: Callable[[Prompt, str], bool | None]
+    counts: dict[str, int] = field(default_factory=dict)  # data/* counters for the run's records
+
+
+def _toy_checker(prompt: Prompt, response: str) -> bool:
+    return toy.is_correct(prompt.text, response)
+
+
+def _answer_checker(prompt: Prompt, response: str) -> bool | None:
+    from opd.verify import is_correct
+
+    return None if prompt.answer is None else is_correct(response, prompt.answer)
+
+
+def build_prompt_set(data: DataConfig, seed: int, student_tokenizer: PreTrainedTokenizerBase,
+                     teacher_tokenizer: PreTrainedTokenizerBase) -> PromptSet:
+    """Load, split and render the prompts; every data error is a ConfigError raised before any work starts."""
+    if data.source == "toy_addition":
+        def prompts(split):
+            return [Prompt(tuple(student_tokenizer(q, add_special_tokens=False).input_ids), None, a, q)
+                    for q, a in toy.problems(split)]
+
+        return PromptSet(train=prompts("train"), eval=prompts("eval")[: data.num_eval_prompts], checker=_toy_checker)
+
+    from opd.datasets import DatasetError, load_records, split_records
+
+    try:
+        loaded = load_records(resolve_path(data.source))
+        train_records, eval_records = split_records(loaded.records, num_eval=data.num_eval_prompts, seed=seed)
+        kw = dict(chat_template=data.chat_template, max_prompt_tokens=data.max_prompt_tokens,
+                  system_prompt=data.system_prompt, teacher_template=data.teacher_template == "teacher",
+                  teacher_system_prompt=data.teacher_system_prompt or None, enable_thinking=data.enable_thinking)
+        train, train_long = render(train_records, student_tokenizer, teacher_tokenizer, **kw)
+        evaluation, eval_long = render(eval_records, student_tokenizer, teacher_tokenizer, **kw)
+    except (DatasetError, ValueError) as e:
+        raise ConfigError(f"data.source={data.source}: {e}") from None
+    if not train:
+        raise ConfigError(f"data.source={data.source}: all {len(train_records)} training prompts are longer than "
+                          f"data.max_prompt_tokens={data.max_prompt_tokens}; raise the limit")
+    if not evaluation:
+        raise ConfigError(f"data.source={data.source}: every held-out prompt is longer than "
+                          f"data.max_prompt_tokens={data.max_prompt_tokens}; raise the limit")
+    counts = {"data/prompts/train": len(train), "data/prompts/eval": len(evaluation),
+              "data/skipped/too_long": train_long + eval_long, "data/skipped/empty": loaded.num_skipped_empty}
+    return PromptSet(train=train, eval=evaluation, checker=_answer_checker, counts=counts)
 
 
 class PromptStream:
     """Training prompts in a seeded order, reshuffled each epoch; `state()` / `load_state()` for resume."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, seed: int):
-        texts = [prompt for prompt, _ in toy.problems("train")]
-        self.ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    def __init__(self, prompts: list[Prompt], seed: int):
+        self.prompts = prompts
         self.seed = seed
         self.epoch, self.cursor = 0, 0
         self._order = self._shuffle()
 
     def _shuffle(self) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(len(self.ids), generator=generator).tolist()
+        return torch.randperm(len(self.prompts), generator=generator).tolist()
 
-    def next_batch(self, num_prompts: int) -> list[list[int]]:
+    def next_batch(self, num_prompts: int) -> list[Prompt]:
         out = []
         while len(out) < num_prompts:
             if self.cursor == len(self._order):
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self._order = self._shuffle()
-            out.append(self.ids[self._order[self.cursor]])
+            out.append(self.prompts[self._order[self.cursor]])
             self.cursor += 1
         return out
 
@@ -40,7 +97,12 @@ class PromptStream:
         self._order = self._shuffle()
 
 
-def eval_prompts(tokenizer: PreTrainedTokenizerBase, num_prompts: int) -> tuple[list[list[int]], list[str]]:
-    """The first `num_prompts` held-out prompts: (token ids, texts)."""
-    texts = [prompt for prompt, _ in toy.problems("eval")][:num_prompts]
-    return [tokenizer(t, add_special_tokens=False).input_ids for t in texts], texts
+def student_ids(prompts: list[Prompt]) -> list[list[int]]:
+    return [list(p.student_ids) for p in prompts]
+
+
+def teacher_ids(prompts: list[Prompt]) -> list[list[int]] | None:
+    """The teacher's prompt per prompt, or None when it sees the student's."""
+    if all(p.teacher_ids is None for p in prompts):
+        return None
+    return [list(p.student_ids if p.teacher_ids is None else p.teacher_ids) for p in prompts]

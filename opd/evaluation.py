@@ -2,31 +2,38 @@
 
 from __future__ import annotations
 
+import math
+
 import ray
 from transformers import PreTrainedTokenizerBase
 
-from opd import toy
 from opd.batch import RolloutBatch
+from opd.data import PromptSet, student_ids, teacher_ids
 
 EVAL_SEED = 1_234_567  # held-out samples use their own seed, so evaluation does not shift training's
 
 
-def accuracy(batch: RolloutBatch, prompt_texts: list[str], tokenizer: PreTrainedTokenizerBase) -> float:
-    texts = tokenizer.batch_decode(batch.responses(), skip_special_tokens=False)
-    prompts = [prompt_texts[i] for i in batch.prompt_index.tolist()]
-    return sum(toy.is_correct(p, t) for p, t in zip(prompts, texts, strict=True)) / len(texts)
+def accuracy(batch: RolloutBatch, prompt_set: PromptSet, tokenizer: PreTrainedTokenizerBase) -> float:
+    """Mean correctness over the prompts that have a gold answer (nan when none has)."""
+    texts = tokenizer.batch_decode(batch.responses(), skip_special_tokens=True)
+    verdicts = [prompt_set.checker(prompt_set.eval[i], text)
+                for i, text in zip(batch.prompt_index.tolist(), texts, strict=True)]
+    scored = [v for v in verdicts if v is not None]
+    return sum(scored) / len(scored) if scored else math.nan
 
 
-def evaluate(actors, prompts: list[list[int]], prompt_texts: list[str], tokenizer: PreTrainedTokenizerBase,
-             max_new_tokens: int, teacher_accuracy: float | None = None) -> dict[str, float]:
+def evaluate(actors, prompt_set: PromptSet, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
+             teacher_accuracy: float | None = None) -> dict[str, float]:
     """`teacher_accuracy`: pass the cached value after the first evaluation (the teacher does not change)."""
+    prompts, teacher_prompts = student_ids(prompt_set.eval), teacher_ids(prompt_set.eval)
     greedy = actors.rollout.generate.remote(prompts, seed=EVAL_SEED, greedy=True)
     sampled = actors.rollout.generate.remote(prompts, seed=EVAL_SEED)
-    kl = actors.learner.evaluate.remote(sampled, actors.teacher.score.remote(sampled, hidden_states=True))
+    scores = actors.teacher.score.remote(sampled, hidden_states=True, teacher_prompts=teacher_prompts)
+    kl = actors.learner.evaluate.remote(sampled, scores)
     teacher = None if teacher_accuracy is not None else actors.teacher.generate.remote(
-        prompts, max_new_tokens=max_new_tokens)
-    out = {"eval/accuracy/student": accuracy(ray.get(greedy), prompt_texts, tokenizer)}
+        teacher_prompts or prompts, max_new_tokens=max_new_tokens)
+    out = {"eval/accuracy/student": accuracy(ray.get(greedy), prompt_set, tokenizer)}
     out["eval/accuracy/teacher"] = (teacher_accuracy if teacher is None
-                                    else accuracy(ray.get(teacher), prompt_texts, tokenizer))
+                                    else accuracy(ray.get(teacher), prompt_set, tokenizer))
     out.update({f"eval/{k}": v for k, v in ray.get(kl).items()})
     return out

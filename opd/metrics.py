@@ -30,6 +30,10 @@ class RunLog:
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         self._steps.write(json.dumps({"step": step, **metrics}) + "\n")
 
+    def log_data_counts(self, counts: dict[str, int]) -> None:
+        """Data counters (prompts kept, skipped for length, ...) once per run, next to the config."""
+        write_json_atomic(self.run_dir / "data_counts.json", counts)
+
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         self._evals.write(json.dumps({"step": step, **metrics}) + "\n")
 

@@ -64,3 +64,14 @@ def test_sampled_rkl_needs_the_sampler_temperature():
     cfg = override(tiny_cpu(), "loss.kind=sampled_rkl")
     with pytest.raises(ConfigError, match="loss.kind=sampled_rkl needs loss.temperature"):
         override(cfg, "loss.temperature=2.0")
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu", "smollm2_cpu", "qwen25_1p5b_from_7b", "qwen3_1p7b_from_8b",
+                                  "llama32_1b_from_3b", "gemma3_1b_from_4b"])
+def test_every_preset_validates(name):
+    cfg = preset(name)
+    assert cfg.train.steps > 0 and cfg.model.student != cfg.model.teacher
+    if name.endswith("_cpu"):
+        assert cfg.run.mode == "cpu"
+    else:  # the real pairs: bf16 serving weights on a GPU, the anchors' global batch
+        assert cfg.run.mode == "colocated" and cfg.model.dtype == "bfloat16" and cfg.train.prompts_per_step == 128
