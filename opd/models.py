@@ -450,8 +450,9 @@ def main(argv: list[str] | None = None) -> None:
             if side == "teacher":
                 sequences.append(out)
     kls = [_reverse_kl(models["student"], models["teacher"], ids, valid_vocab) for ids in sequences]
+    self_kl = _reverse_kl(models["teacher"], models["teacher"], sequences[0], valid_vocab)  # canary: must be ~0
     print(f"valid vocab {valid_vocab}; KL(student || teacher) per position on teacher answers: "
-          + ", ".join(f"{kl:.3f}" for kl in kls) + f"; teacher vs itself {_reverse_kl(models['teacher'], models['teacher'], sequences[0], valid_vocab):.2e}")
+          f"{', '.join(f'{kl:.3f}' for kl in kls)}; teacher vs itself {self_kl:.2e}")
 
 
 if __name__ == "__main__":

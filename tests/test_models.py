@@ -36,14 +36,15 @@ def char_tokenizer(vocab=None, *, pad=toy.PAD, bos_processor=False) -> PreTraine
         core.post_processor = processors.TemplateProcessing(single=f"{toy.BOS} $A",
                                                             special_tokens=[(toy.BOS, vocab[toy.BOS])])
     special = {"pad_token": pad} if pad else {}
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=toy.EOS, unk_token=toy.UNK, bos_token=toy.BOS,
-                                   **special)
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=toy.EOS, unk_token=toy.UNK,
+                                   bos_token=toy.BOS, **special)
 
 
 def tiny_config(*, vocab_size=16, num_layers=2, layer_types=None) -> Qwen3Config:
     sliding = {"use_sliding_window": True, "sliding_window": 4} if layer_types else {}
-    return Qwen3Config(**sliding, vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
-                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=32,
+    return Qwen3Config(**sliding, vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                       max_position_embeddings=32,
                        tie_word_embeddings=False, layer_types=layer_types, eos_token_id=toy.TOKEN_TO_ID[toy.EOS],
                        pad_token_id=toy.TOKEN_TO_ID[toy.PAD], bos_token_id=toy.TOKEN_TO_ID[toy.BOS])
 
@@ -163,7 +164,8 @@ def test_padded_output_rows_pass():
 
 
 def test_fewer_output_rows_than_tokens_is_an_error():
-    with pytest.raises(ModelError, match="the teacher has 12 output rows \\(config.vocab_size\\) for a tokenizer of 16"):
+    message = "the teacher has 12 output rows \\(config.vocab_size\\) for a tokenizer of 16"
+    with pytest.raises(ModelError, match=message):
         check_compatible(char_tokenizer(), char_tokenizer(), tiny_config(), tiny_config(vocab_size=12))
 
 
@@ -245,5 +247,6 @@ def test_smollm2_assets(tmp_path):
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
     assert sum(p.numel() for p in teacher.parameters()) == 134_515_008
     assert {p.dtype for p in student.parameters()} == {torch.float32}
-    torch.testing.assert_close(student.model.layers[1].mlp.down_proj.weight, teacher.model.layers[10].mlp.down_proj.weight)
+    torch.testing.assert_close(student.model.layers[1].mlp.down_proj.weight,
+                               teacher.model.layers[10].mlp.down_proj.weight)
     torch.testing.assert_close(student.lm_head.weight, teacher.lm_head.weight)
