@@ -54,7 +54,7 @@ def build_prompt_set(data: DataConfig, seed: int, student_tokenizer: PreTrainedT
         train, train_long = render(train_records, student_tokenizer, teacher_tokenizer, **kw)
         evaluation, eval_long = render(eval_records, student_tokenizer, teacher_tokenizer, **kw)
     except (DatasetError, ValueError) as e:
-        raise ConfigError(f"data.source={data.source}: {e}") from None
+        raise ConfigError(f"data.source: {e}") from None  # the message names the file (and line)
     if not train:
         raise ConfigError(f"data.source={data.source}: all {len(train_records)} training prompts are longer than "
                           f"data.max_prompt_tokens={data.max_prompt_tokens}; raise the limit")

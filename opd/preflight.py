@@ -51,9 +51,11 @@ def _model_source(cfg: Config, side: str) -> str:
 def preflight(cfg: Config) -> Prepared:
     from transformers import AutoConfig
 
+    from actors.common import quiet_transformers
     from cluster.resources import check_devices
     from opd.models import ModelError, check_compatible, load_tokenizer
 
+    quiet_transformers()  # its warnings would bury the one line a refusal prints
     check_devices(cfg)  # first: the most basic refusal
     sources = {side: _model_source(cfg, side) for side in ("student", "teacher")}
     try:

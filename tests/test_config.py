@@ -1,5 +1,7 @@
 """Config tree: presets validate, overrides are typed, and bad input stops with one clear line before Ray."""
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -75,3 +77,32 @@ def test_every_preset_validates(name):
         assert cfg.run.mode == "cpu"
     else:  # the real pairs: bf16 serving weights on a GPU, the anchors' global batch
         assert cfg.run.mode == "colocated" and cfg.model.dtype == "bfloat16" and cfg.train.prompts_per_step == 128
+
+
+def _driver_error(root, *args) -> str:
+    code = ("import sys, driver; rc = driver.main(sys.argv[1:]); "
+            "assert 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, *args], cwd=root, capture_output=True, text=True, timeout=300)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
+    return lines[0]
+
+
+def test_tokenizer_mismatch_stops_before_ray(root, tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(root / "assets/toy/teacher", teacher)
+    tokenizer = json.loads((teacher / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["7"], vocab["8"] = vocab["8"], vocab["7"]  # same tokens, two ids swapped
+    (teacher / "tokenizer.json").write_text(json.dumps(tokenizer))
+    line = _driver_error(root, "--set", f"model.teacher={teacher}", "--set", f"run.out_dir={tmp_path / 'runs'}")
+    assert "'7'" in line or "'8'" in line, line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_malformed_dataset_line_stops_before_ray(root, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n{"prompt": "oops"\n')
+    line = _driver_error(root, "--set", f"data.source={data}", "--set", "data.chat_template=false",
+                         "--set", "data.num_eval_prompts=1", "--set", f"run.out_dir={tmp_path / 'runs'}")
+    assert "prompts.jsonl:3" in line, line
