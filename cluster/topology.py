@@ -14,6 +14,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.learner import LearnerActor
 from actors.rollout import RolloutActor
 from actors.teacher import TeacherActor
+from cluster.resources import placement_plan
 from opd.config import PROJECT_ROOT, Config
 
 def connect(cfg: Config) -> bool:
@@ -66,15 +67,16 @@ class Actors:
 
 
 def launch(cfg: Config) -> Actors:
-    """cpu mode: one placement group of three CPU bundles packed on one node (the shared-memory weights
-    need the learner and the rollout engine on the same machine)."""
-    share = cfg.run.cpus_per_actor
-    group = placement_group([{"CPU": share}] * 3, strategy="STRICT_PACK")
+    """One placement group per run, laid out by cluster/resources.py's plan for the mode."""
+    plan = placement_plan(cfg.run.mode, cfg.run.cpus_per_actor)
+    group = placement_group(list(plan.bundles), strategy=plan.strategy)
     ray.get(group.ready(), timeout=120)
 
-    def place(cls, index: int):
-        strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index)
-        return ray.remote(cls).options(num_cpus=share, scheduling_strategy=strategy).remote(cfg)
+    def place(cls, role: str):
+        where = plan.actors[role]
+        strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=where.bundle)
+        return ray.remote(cls).options(num_cpus=where.num_cpus, num_gpus=where.num_gpus,
+                                       scheduling_strategy=strategy).remote(cfg)
 
-    return Actors(rollout=place(RolloutActor, 0), teacher=place(TeacherActor, 1), learner=place(LearnerActor, 2),
-                  group=group)
+    return Actors(rollout=place(RolloutActor, "rollout"), teacher=place(TeacherActor, "teacher"),
+                  learner=place(LearnerActor, "learner"), group=group)

@@ -94,3 +94,54 @@ def attach_parameters(model: nn.Module, shared: SharedWeights) -> None:
 def release(shared: SharedWeights) -> None:
     """Remove the shared file (mappings that exist stay valid until their processes drop them)."""
     Path(shared.path).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- GPU modes: the serving buffer and its buckets
+
+BUCKET_BYTES = 512 << 20  # ~512 MB per update call: per-tensor IPC updates were 4.3x slower (NOTES.md)
+
+
+def plan_buckets(layout: FlatLayout, *, element_bytes: int, bucket_bytes: int = BUCKET_BYTES) -> list[range]:
+    """Consecutive parameter index ranges of at most `bucket_bytes` each (a parameter larger than that is a
+    bucket of its own). Consecutive parameters are consecutive in the flat buffer, so a bucket is one slice."""
+    buckets, start, size = [], 0, 0
+    for i, shape in enumerate(layout.shapes):
+        nbytes = math.prod(shape) * element_bytes
+        if i > start and size + nbytes > bucket_bytes:
+            buckets.append(range(start, i))
+            start, size = i, 0
+        size += nbytes
+    if layout.names:
+        buckets.append(range(start, len(layout.names)))
+    return buckets
+
+
+class ServingBuffer:
+    """One flat buffer in the serving dtype (bf16 on GPU) laid out like the learner's parameters.
+
+    The learner's fp32 master weights stay separate; after each optimizer step `refresh` casts them into this
+    buffer (the one copy a dtype change needs), and the engine maps it (CUDA IPC, same GPU) or receives it by
+    broadcast (NCCL, two GPUs) bucket by bucket. A producer buffer must not be rewritten before the consumer's
+    update call returned and the device synchronised (SGLang enqueues its copies; NOTES.md).
+    """
+
+    def __init__(self, layout: FlatLayout, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.layout, self.dtype = layout, dtype
+        self.flat = torch.empty(layout.numel, dtype=dtype, device=device)
+        self._views = [self.flat[offset: offset + math.prod(shape)].view(shape)
+                       for offset, shape in zip(layout.offsets, layout.shapes, strict=True)]
+
+    def refresh(self, model: nn.Module) -> None:
+        params = [p.detach() for _, p in model.named_parameters()]
+        assert len(params) == len(self._views), "the model's parameters changed since the buffer was laid out"
+        torch._foreach_copy_(self._views, params)  # one fused cast-copy launch on GPU
+
+    def named_views(self) -> list[tuple[str, torch.Tensor]]:
+        return list(zip(self.layout.names, self._views, strict=True))
+
+    def bucket(self, indices: range) -> tuple[torch.Tensor, list[tuple[str, torch.Size]]]:
+        """The bucket's slice of the flat buffer (a view: zero copy) and its (name, shape) metadata."""
+        lo = self.layout.offsets[indices.start]
+        last = indices.stop - 1
+        hi = self.layout.offsets[last] + math.prod(self.layout.shapes[last])
+        return self.flat[lo:hi], [(self.layout.names[i], torch.Size(self.layout.shapes[i])) for i in indices]
