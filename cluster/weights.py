@@ -145,3 +145,35 @@ class ServingBuffer:
         last = indices.stop - 1
         hi = self.layout.offsets[last] + math.prod(self.layout.shapes[last])
         return self.flat[lo:hi], [(self.layout.names[i], torch.Size(self.layout.shapes[i])) for i in indices]
+
+
+def broadcast_buckets(buffer: ServingBuffer, buckets: list[range], group_name: str) -> None:
+    """Learner side of the split mode (rank 0): send the serving buffer bucket by bucket to every engine rank.
+
+    NCCL through cupy on GPUs (`ray.util.collective`), gloo on CPU (tests). Ray's NCCL broadcast returns once
+    the copy is enqueued on its own stream and does not record it: synchronise before the buffer is refreshed.
+    """
+    from ray.util import collective
+
+    for indices in buckets:
+        tensor, _ = buffer.bucket(indices)
+        collective.broadcast(tensor, src_rank=0, group_name=group_name)
+    if buffer.flat.is_cuda:
+        torch.cuda.synchronize(buffer.flat.device)  # host sync: the next refresh may overwrite the buffer
+
+
+def receive_buckets(buffer: ServingBuffer, buckets: list[range], group_name: str) -> None:
+    """Engine side (rank >= 1): receive each bucket straight into the buffer. An hf engine whose parameters
+    are `buffer`'s views (see `bind_to_buffer`) then holds the new weights with no further copy."""
+    from ray.util import collective
+
+    for indices in buckets:
+        tensor, _ = buffer.bucket(indices)
+        collective.broadcast(tensor, src_rank=0, group_name=group_name)
+    if buffer.flat.is_cuda:
+        torch.cuda.synchronize(buffer.flat.device)
+
+
+def bind_to_buffer(model: nn.Module, buffer: ServingBuffer) -> None:
+    """Point `model`'s parameters at the serving buffer's views (an engine that receives by broadcast)."""
+    _bind(model.to(buffer.dtype), buffer.flat, buffer.layout, copy_in=True)

@@ -1,0 +1,70 @@
+"""Split-mode weight broadcast, learner rank 0 -> engine rank 1, with gloo standing in for NCCL on CPU: the
+same `ray.util.collective` calls, another backend (NOTES.md)."""
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM
+
+from cluster import weights
+
+pytest.importorskip("ray.util.collective")
+
+
+class Side:
+    """One end of the broadcast: a model, its serving buffer, the bucket plan."""
+
+    def __init__(self, model_dir: str, rank: int, bind: bool):
+        torch.set_num_threads(1)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.layout = weights.FlatLayout.of(self.model)
+        self.buffer = weights.ServingBuffer(self.layout, torch.float32)
+        self.buckets = weights.plan_buckets(self.layout, element_bytes=4, bucket_bytes=256 * 1024)
+        if bind:  # the engine: its parameters are the buffer's views, so a received bucket is the weights
+            weights.bind_to_buffer(self.model, self.buffer)
+        self.rank = rank
+
+    def join(self, world_size: int, group: str) -> None:
+        from ray.util import collective
+
+        collective.init_collective_group(world_size, self.rank, backend="gloo", group_name=group)
+
+    def perturb_and_send(self, group: str) -> list[float]:
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.mul_(1.5).add_(0.25)  # the "optimizer step"
+        self.buffer.refresh(self.model)
+        weights.broadcast_buckets(self.buffer, self.buckets, group)
+        return [float(p.detach().double().sum()) for p in self.model.parameters()]
+
+    def receive(self, group: str) -> list[float]:
+        weights.receive_buckets(self.buffer, self.buckets, group)
+        return [float(p.detach().double().sum()) for p in self.model.parameters()]
+
+    def logits(self, ids):
+        with torch.no_grad():
+            return self.model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def ray_local(root):
+    # the workers import `Side` from this module: put tests/ on their path
+    ray.init(num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": f"{root}:{root / 'tests'}"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_gloo_broadcast_reaches_the_engine_parameters(root, ray_local):
+    model_dir = str(root / "assets/toy/teacher")
+    learner = ray.remote(Side).options(num_cpus=0.5).remote(model_dir, 0, False)
+    engine = ray.remote(Side).options(num_cpus=0.5).remote(model_dir, 1, True)
+    ray.get([learner.join.remote(2, "opd-weights"), engine.join.remote(2, "opd-weights")])
+    ids = torch.tensor([[3, 4, 14, 5, 6, 15]])
+    before = ray.get(engine.logits.remote(ids))
+    sent, received = ray.get([learner.perturb_and_send.remote("opd-weights"), engine.receive.remote("opd-weights")])
+    assert sent == received  # every parameter arrived, bucket by bucket, into the engine's own parameters
+    after = ray.get(engine.logits.remote(ids))
+    assert torch.allclose(after, ray.get(learner.logits.remote(ids)), atol=1e-6)
+    assert not torch.allclose(before, after)
