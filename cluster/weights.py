@@ -177,3 +177,30 @@ def receive_buckets(buffer: ServingBuffer, buckets: list[range], group_name: str
 def bind_to_buffer(model: nn.Module, buffer: ServingBuffer) -> None:
     """Point `model`'s parameters at the serving buffer's views (an engine that receives by broadcast)."""
     _bind(model.to(buffer.dtype), buffer.flat, buffer.layout, copy_in=True)
+
+
+def share_handle(tensor: torch.Tensor) -> bytes:
+    """A handle another process on the same machine maps to the same memory: a CUDA IPC handle for a GPU tensor
+    (colocated mode: the flat serving buffer, sent once), a shared-memory file name for a CPU tensor. The same
+    serialisation sglang's `MultiprocessingSerializer` uses. The producer must keep `tensor` alive."""
+    import io
+
+    import torch.multiprocessing as mp
+    from multiprocessing.reduction import ForkingPickler  # torch registers its tensor reductions on it
+
+    if not tensor.is_cuda:
+        # file names survive any transport (Ray's object store included); fds would need multiprocessing's
+        # own connection to be passed.
+        mp.set_sharing_strategy("file_system")
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(tensor)
+    return buf.getvalue()
+
+
+def open_handle(handle: bytes) -> torch.Tensor:
+    """The tensor behind `share_handle`'s bytes, mapped (not copied) into this process."""
+    import torch.multiprocessing as mp
+    from multiprocessing.reduction import ForkingPickler  # torch registers its tensor reductions on it
+
+    mp.set_sharing_strategy("file_system")
+    return ForkingPickler.loads(handle)

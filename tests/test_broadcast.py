@@ -68,3 +68,43 @@ def test_gloo_broadcast_reaches_the_engine_parameters(root, ray_local):
     after = ray.get(engine.logits.remote(ids))
     assert torch.allclose(after, ray.get(learner.logits.remote(ids)), atol=1e-6)
     assert not torch.allclose(before, after)
+
+
+class Holder:
+    """Keeps a tensor alive in its own process and can read or change it."""
+
+    def __init__(self):
+        self.tensor = torch.zeros(1000)
+
+    def handle(self) -> bytes:
+        return weights.share_handle(self.tensor)
+
+    def fill(self, value: float) -> None:
+        self.tensor.fill_(value)
+
+    def total(self) -> float:
+        return float(self.tensor.sum())
+
+
+class Mapper:
+    def open(self, handle: bytes) -> float:
+        self.tensor = weights.open_handle(handle)
+        return float(self.tensor.sum())
+
+    def total(self) -> float:
+        return float(self.tensor.sum())
+
+    def write(self, value: float) -> None:
+        self.tensor[:] = value
+
+
+def test_handle_round_trip_maps_the_same_memory(ray_local):
+    """What colocated mode does with a CUDA IPC handle, on a CPU tensor: another process maps, not copies."""
+    holder = ray.remote(Holder).options(num_cpus=0.25).remote()
+    mapper = ray.remote(Mapper).options(num_cpus=0.25).remote()
+    ray.get(holder.fill.remote(1.0))
+    assert ray.get(mapper.open.remote(holder.handle.remote())) == 1000.0
+    ray.get(holder.fill.remote(2.0))  # the producer writes ...
+    assert ray.get(mapper.total.remote()) == 2000.0  # ... the consumer sees it
+    ray.get(mapper.write.remote(3.0))  # and the other way round
+    assert ray.get(holder.total.remote()) == 3000.0
