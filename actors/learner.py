@@ -17,6 +17,7 @@ from cluster import weights
 from kernels.chunked import chunked_divergence, chunked_sampled_rkl, chunked_token_logprobs
 from opd.batch import OutputHead, RolloutBatch, TeacherScores
 from opd.config import Config
+from opd.models import DTYPES
 
 
 class LearnerActor:
@@ -26,7 +27,13 @@ class LearnerActor:
         self.cfg = cfg
         self.eos_id, self.pad_id, self.vocab_size = special_ids(cfg.model.student)
         self.model = load(cfg, "student", dtype="float32").train()  # fp32 master weights
-        self.shared = weights.share_parameters(self.model, f"student-{uuid.uuid4().hex[:8]}")
+        # cpu: the engine maps the fp32 master weights themselves. colocated: it maps a flat copy in the serving
+        # dtype that every sync refreshes in place (fp32 master weights stay the learner's own).
+        self.shared = self.serving = None
+        if cfg.run.mode == "cpu":
+            self.shared = weights.share_parameters(self.model, f"student-{uuid.uuid4().hex[:8]}")
+        else:
+            self.serving = weights.ServingBuffer(weights.FlatLayout.of(self.model), DTYPES[cfg.model.dtype])
         lc = cfg.learner
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lc.lr, betas=lc.adam_betas,
                                            weight_decay=lc.weight_decay)
@@ -44,10 +51,15 @@ class LearnerActor:
         self.teacher_head = head
 
     def export_weights(self) -> weights.WeightUpdate:
-        # The first update carries the shared-buffer handle; later ones only the version.
-        update = weights.WeightUpdate(self.version, None if self._exported else self.shared)
+        # The first update carries the buffer's handle; later ones only the version.
+        first = not self._exported
         self._exported = True
-        return update
+        if self.serving is None:
+            return weights.WeightUpdate(self.version, shared=self.shared if first else None)
+        self.serving.refresh(self.model)  # the one cast copy: fp32 master -> serving dtype, in place
+        handle = weights.ServingHandle(weights.share_handle(self.serving.flat), self.serving.layout,
+                                       self.serving.dtype) if first else None
+        return weights.WeightUpdate(self.version, serving=handle)
 
     def _student_hidden(self, batch: RolloutBatch) -> torch.Tensor:
         input_ids, attention_mask, positions = batch.padded(self.pad_id)
@@ -143,4 +155,5 @@ class LearnerActor:
         return path
 
     def shutdown(self) -> None:
-        weights.release(self.shared)
+        if self.shared is not None:
+            weights.release(self.shared)

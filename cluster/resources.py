@@ -9,10 +9,16 @@ from opd.config import Config, ConfigError
 GPUS_NEEDED = {"cpu": 0, "colocated": 1, "split": 2}
 
 
+def uses_gpus(cfg: Config) -> bool:
+    return GPUS_NEEDED[cfg.run.mode] > 0 and cfg.run.device == "auto"
+
+
 def check_devices(cfg: Config) -> None:
     """Refuse a mode this machine cannot run, before Ray starts."""
     needed = GPUS_NEEDED[cfg.run.mode]
-    if needed == 0:
+    if cfg.run.mode == "split" and cfg.run.device == "cpu":
+        raise ConfigError("run.mode=split has no CPU plumbing run yet: use --mode cpu or --mode colocated")
+    if not uses_gpus(cfg):
         return
     import torch
 
@@ -20,7 +26,8 @@ def check_devices(cfg: Config) -> None:
     if have < needed:
         raise ConfigError(f"run.mode={cfg.run.mode} needs {needed} GPU(s), this machine has {have}: "
                           f"use --mode cpu")
-    raise ConfigError(f"run.mode={cfg.run.mode} is not available in this version yet: use --mode cpu")
+    raise ConfigError(f"run.mode={cfg.run.mode} is not available on GPUs in this version yet: use --mode cpu "
+                      f"(--set run.device=cpu runs the colocated weight plumbing on the CPU)")
 
 
 @dataclass(frozen=True)
@@ -44,12 +51,12 @@ class PlacementPlan:
 COLOCATED_GPU_SHARES = {"rollout": 0.4, "teacher": 0.3, "learner": 0.3}
 
 
-def placement_plan(mode: str, cpus_per_actor: float) -> PlacementPlan:
+def placement_plan(mode: str, cpus_per_actor: float, use_gpus: bool = True) -> PlacementPlan:
     """cpu: three CPU bundles packed on one node (the shared-memory weights need learner and engine on one
     machine). colocated: one bundle with one GPU shared by fractional num_gpus, so every actor sees the same
     device (CUDA IPC needs that). split: the learner alone on GPU 0; rollout and teacher share GPU 1."""
     c = cpus_per_actor
-    if mode == "cpu":
+    if mode == "cpu" or (mode == "colocated" and not use_gpus):
         return PlacementPlan(bundles=({"CPU": c},) * 3, strategy="STRICT_PACK",
                              actors={role: ActorPlace(i, c, 0.0)
                                      for i, role in enumerate(("rollout", "teacher", "learner"))})

@@ -14,7 +14,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.learner import LearnerActor
 from actors.rollout import RolloutActor
 from actors.teacher import TeacherActor
-from cluster.resources import placement_plan
+from cluster.resources import placement_plan, uses_gpus
 from opd.config import PROJECT_ROOT, Config
 
 def connect(cfg: Config) -> bool:
@@ -68,7 +68,7 @@ class Actors:
 
 def launch(cfg: Config) -> Actors:
     """One placement group per run, laid out by cluster/resources.py's plan for the mode."""
-    plan = placement_plan(cfg.run.mode, cfg.run.cpus_per_actor)
+    plan = placement_plan(cfg.run.mode, cfg.run.cpus_per_actor, use_gpus=uses_gpus(cfg))
     group = placement_group(list(plan.bundles), strategy=plan.strategy)
     ray.get(group.ready(), timeout=120)
 

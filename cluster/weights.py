@@ -47,11 +47,22 @@ class SharedWeights:
 
 
 @dataclass(frozen=True)
+class ServingHandle:
+    """colocated: the learner's flat serving buffer (serving dtype), mapped once by the engine through a CUDA IPC
+    handle (a shared-memory file on CPU); the learner refreshes it in place at every sync."""
+
+    handle: bytes  # from share_handle
+    layout: FlatLayout
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
 class WeightUpdate:
     """One sync: the version the learner's weights are at (and, the first time, the handle to map)."""
 
     version: int
-    shared: SharedWeights | None = None
+    shared: SharedWeights | None = None  # cpu mode: the fp32 master weights themselves
+    serving: ServingHandle | None = None  # colocated mode: the serving-dtype copy
 
 
 def _map(path: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -204,3 +215,9 @@ def open_handle(handle: bytes) -> torch.Tensor:
 
     mp.set_sharing_strategy("file_system")
     return ForkingPickler.loads(handle)
+
+
+def attach_serving(model: nn.Module, serving: ServingHandle) -> None:
+    """Point `model`'s parameters at views of the learner's serving buffer (zero copy, same device)."""
+    flat = open_handle(serving.handle)
+    _bind(model.to(device=flat.device, dtype=serving.dtype), flat, serving.layout, copy_in=False)

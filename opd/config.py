@@ -135,6 +135,9 @@ class TrainConfig:
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     mode: str = "cpu"
+    # auto: the mode's devices (GPUs for colocated / split); cpu: run a GPU mode's plumbing (serving buffer,
+    # handles) on the CPU, for debugging and tests
+    device: str = "auto"
     out_dir: str = "runs"  # a run writes out_dir/<name>/
     name: str = ""  # empty: a timestamp
     ray_address: str = ""  # empty: RAY_ADDRESS if set (ray job submit), else a fresh local Ray instance
@@ -144,6 +147,7 @@ class RunConfig:
 
     def __post_init__(self):
         _require(self.mode in MODES, f"run.mode={self.mode!r} is unknown: use one of {', '.join(MODES)}")
+        _require(self.device in ("auto", "cpu"), f"run.device={self.device!r} is unknown: use auto or cpu")
         _require(self.cpus_per_actor > 0, f"run.cpus_per_actor={self.cpus_per_actor} must be > 0")
         _require(self.threads_per_actor > 0, f"run.threads_per_actor={self.threads_per_actor} must be > 0")
 

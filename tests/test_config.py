@@ -49,6 +49,9 @@ def test_unknown_preset():
     (["--set", "train.prompts_per_step=0"], "train.prompts_per_step=0 must be > 0"),
     (["--set", "model.student=/no/such/model"], "model.student=/no/such/model: no Hugging Face model folder"),
     (["--mode", "split"], "run.mode=split needs 2 GPU(s)"),
+    (["--mode", "colocated"], "run.mode=colocated needs 1 GPU(s)"),
+    (["--mode", "split", "--set", "run.device=cpu"], "run.mode=split has no CPU plumbing run yet"),
+    (["--set", "run.device=tpu"], "run.device='tpu' is unknown"),
 ])
 def test_driver_refuses_bad_config_before_ray(root, tmp_path, args, needle):
     """One line on stderr, exit status 2, Ray never imported, nothing written."""

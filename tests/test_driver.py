@@ -82,3 +82,12 @@ def test_smollm2_cpu_runs_two_steps(root, tmp_path):
     assert all(r["logprob/learner_minus_rollout/absmax"] < 1e-2 for r in steps)
     counts = json.loads((tmp_path / "smol" / "data_counts.json").read_text())
     assert counts["data/prompts/eval"] == 4 and counts["data/prompts/train"] == 296
+
+
+@pytest.mark.slow
+def test_colocated_weight_plumbing_runs_on_cpu(root, tmp_path):
+    """--mode colocated with run.device=cpu: serving buffer + handle instead of the shared fp32 master."""
+    run_dir, _ = _run(root, tmp_path, "--mode", "colocated", "--set", "run.device=cpu", name="colo")
+    steps = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["policy/version"] for r in steps] == [1.0, 2.0, 3.0]
+    assert all(r["logprob/learner_minus_rollout/absmax"] < 1e-4 for r in steps)  # the engine had each step

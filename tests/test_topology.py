@@ -37,3 +37,8 @@ def test_split_puts_the_learner_alone_on_a_gpu():
 def test_unknown_mode():
     with pytest.raises(ConfigError, match="run.mode='tpu' is unknown"):
         placement_plan("tpu", 1.0)
+
+
+def test_colocated_plumbing_on_cpu_asks_for_no_gpu():
+    plan = placement_plan("colocated", 0.5, use_gpus=False)
+    assert all("GPU" not in b for b in plan.bundles) and all(p.num_gpus == 0 for p in plan.actors.values())

@@ -68,3 +68,31 @@ def test_zero_copy_across_ray_actors(root, ray_local):
     update = ray.get(learner.export_weights.remote())
     assert update.shared is None  # later syncs carry only the version
     ray.get(learner.shutdown.remote())
+
+
+def test_colocated_plumbing_on_cpu_serving_copy_refreshed_at_sync(root):
+    """colocated mode's weight path, run on the CPU: the engine maps the learner's serving buffer once (by
+    handle); an optimizer step changes only the fp32 master until export_weights refreshes the buffer."""
+    from actors.teacher import TeacherActor
+
+    cfg = override(override(tiny_cpu(), "run.mode=colocated"), "run.device=cpu")
+    learner, rollout, teacher = LearnerActor(cfg), RolloutActor(cfg), TeacherActor(cfg)
+    try:
+        assert learner.shared is None and learner.serving is not None
+        learner.set_teacher_head(teacher.output_head())
+        first = learner.export_weights()
+        assert first.serving is not None and rollout.load_weights(first) == 0
+        ids = torch.tensor([[3, 4, 14, 5, 6, 15, 3, 8]])
+        engine_params = {p.untyped_storage().data_ptr() for p in rollout.engine.model.parameters()}
+        assert len(engine_params) == 1  # all views of one mapped buffer
+        before = rollout.logits(ids).clone()
+        batch = rollout.generate([[3, 4, 14, 5, 6, 15]] * 4, seed=0)
+        metrics = learner.train_step(batch, teacher.score(batch))
+        assert metrics["logprob/learner_minus_rollout/absmax"] < 1e-4
+        assert torch.equal(rollout.logits(ids), before)  # the step touched the master weights only
+        update = learner.export_weights()
+        assert update.serving is None and rollout.load_weights(update) == 1  # later syncs: refresh + version
+        with torch.no_grad():
+            assert torch.allclose(rollout.logits(ids), learner.model(input_ids=ids).logits, atol=1e-6)
+    finally:
+        learner.shutdown()

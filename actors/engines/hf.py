@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from cluster.weights import WeightUpdate, attach_parameters
+from cluster.weights import WeightUpdate, attach_parameters, attach_serving
 from opd.batch import RolloutBatch
 
 
@@ -32,6 +32,8 @@ class HFEngine:
     def load_weights(self, update: WeightUpdate) -> int:
         if update.shared is not None:
             attach_parameters(self.model, update.shared)  # once: from now on the weights are the learner's
+        if update.serving is not None:
+            attach_serving(self.model, update.serving)  # once: the learner refreshes the buffer in place
         self._version = update.version
         return self._version
 
