@@ -1,7 +1,7 @@
 """The hf engine's sampling contract and the batch layout every actor relies on."""
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from actors.engines.hf import HFEngine
 from opd.batch import RolloutBatch

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.teacher import TeacherActor
 from opd.batch import RolloutBatch
-from opd.config import override, tiny_cpu
+from opd.config import tiny_cpu
 from opd.prompts import render, render_ids
 
 STUDENT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
