@@ -159,10 +159,12 @@ class ServingBuffer:
 
 
 def broadcast_buckets(buffer: ServingBuffer, buckets: list[range], group_name: str) -> None:
-    """Learner side of the split mode (rank 0): send the serving buffer bucket by bucket to every engine rank.
+    """Split mode, both sides of one call: the learner (rank 0) sends its serving buffer bucket by bucket, every
+    engine rank receives each bucket straight into its own buffer (an hf engine whose parameters are the
+    buffer's views, see `bind_to_buffer`, then holds the new weights with no further copy).
 
     NCCL through cupy on GPUs (`ray.util.collective`), gloo on CPU (tests). Ray's NCCL broadcast returns once
-    the copy is enqueued on its own stream and does not record it: synchronise before the buffer is refreshed.
+    the copy is enqueued on its own stream and does not record it: synchronise before the buffer is reused.
     """
     from ray.util import collective
 
@@ -171,18 +173,6 @@ def broadcast_buckets(buffer: ServingBuffer, buckets: list[range], group_name: s
         collective.broadcast(tensor, src_rank=0, group_name=group_name)
     if buffer.flat.is_cuda:
         torch.cuda.synchronize(buffer.flat.device)  # host sync: the next refresh may overwrite the buffer
-
-
-def receive_buckets(buffer: ServingBuffer, buckets: list[range], group_name: str) -> None:
-    """Engine side (rank >= 1): receive each bucket straight into the buffer. An hf engine whose parameters
-    are `buffer`'s views (see `bind_to_buffer`) then holds the new weights with no further copy."""
-    from ray.util import collective
-
-    for indices in buckets:
-        tensor, _ = buffer.bucket(indices)
-        collective.broadcast(tensor, src_rank=0, group_name=group_name)
-    if buffer.flat.is_cuda:
-        torch.cuda.synchronize(buffer.flat.device)
 
 
 def bind_to_buffer(model: nn.Module, buffer: ServingBuffer) -> None:

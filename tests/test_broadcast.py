@@ -38,7 +38,7 @@ class Side:
         return [float(p.detach().double().sum()) for p in self.model.parameters()]
 
     def receive(self, group: str) -> list[float]:
-        weights.receive_buckets(self.buffer, self.buckets, group)
+        weights.broadcast_buckets(self.buffer, self.buckets, group)  # the same call receives
         return [float(p.detach().double().sum()) for p in self.model.parameters()]
 
     def logits(self, ids):
