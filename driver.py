@@ -54,7 +54,7 @@ def run(cfg: Config) -> dict:
         # The teacher's output head reaches the learner once (frozen); the learner's weights reach the engine
         # once as a shared-buffer handle, after which a sync only publishes the version.
         ray.get(actors.learner.set_teacher_head.remote(actors.teacher.output_head.remote()))
-        version = ray.get(actors.rollout.load_weights.remote(actors.learner.export_weights.remote()))
+        version = actors.sync()
 
         def run_eval(step: int, teacher_accuracy=None) -> dict:
             metrics = evaluate(actors, prepared.prompts, tokenizer, cfg.rollout.max_new_tokens, teacher_accuracy)
@@ -63,25 +63,35 @@ def run(cfg: Config) -> dict:
 
         before = last = run_eval(0)
         bar = tqdm(range(1, cfg.train.steps + 1), desc="opd", disable=not cfg.run.progress, dynamic_ncols=True)
+        def rollout(step: int):
+            prompts = stream.next_batch(cfg.train.prompts_per_step)
+            return prompts, actors.generate(student_ids(prompts), seed=cfg.train.seed * 1_000_003 + step)
+
+        upcoming = None  # run.overlap: the next step's rollout, sampled while the learner trains
         for step in bar:
             t0 = time.perf_counter()
-            prompts = stream.next_batch(cfg.train.prompts_per_step)
-            # The rollout holds version `version` (checked after the last sync), so generate samples on-policy.
-            batch = actors.rollout.generate.remote(student_ids(prompts), seed=cfg.train.seed * 1_000_003 + step)
+            # The engines hold version `version` (checked after the last sync): the samples are on-policy, or with
+            # run.overlap one version behind (sampled during the previous step's training).
+            prompts, batch = upcoming or rollout(step)
             ray.wait([batch], fetch_local=False)  # timing only: the batch goes actor to actor, not via here
             t1 = time.perf_counter()
-            scores = actors.teacher.score.remote(batch, teacher_prompts=teacher_ids(prompts))
-            ray.wait([scores], fetch_local=False)
+            scores = actors.score(batch, teacher_prompts=teacher_ids(prompts))
+            ray.wait(scores, fetch_local=False)
             t2 = time.perf_counter()
-            metrics = ray.get(actors.learner.train_step.remote(batch, scores))
+            result = actors.train_step(batch, scores)
+            upcoming = rollout(step + 1) if cfg.run.overlap and step < cfg.train.steps else None
+            metrics = ray.get(result)
             t3 = time.perf_counter()
-            version = ray.get(actors.rollout.load_weights.remote(actors.learner.export_weights.remote()))
+            if upcoming is not None:  # the next samples must be finished before the sync rewrites the weights
+                ray.wait([upcoming[1]], fetch_local=False)
             t4 = time.perf_counter()
+            version = actors.sync()
+            t5 = time.perf_counter()
             if version != metrics["policy/version"]:
                 raise RuntimeError(f"engine holds weights v{version}, learner is at v{metrics['policy/version']}")
             metrics.update({"timing/rollout_s": t1 - t0, "timing/teacher_s": t2 - t1, "timing/train_s": t3 - t2,
-                            "timing/sync_s": t4 - t3, "timing/step_s": t4 - t0,
-                            "throughput/tokens_per_s": metrics["response/tokens/sum"] / (t4 - t0)})
+                            "timing/overlap_wait_s": t4 - t3, "timing/sync_s": t5 - t4, "timing/step_s": t5 - t0,
+                            "throughput/tokens_per_s": metrics["response/tokens/sum"] / (t5 - t0)})
             log.log_step(step, metrics)
             rkl = metrics.get("kl/reverse/mean", metrics.get("kl/reverse/sampled_mean"))
             bar.set_postfix({"rkl": f"{rkl:.3f}", "len": f"{metrics['response/length/mean']:.1f}"})

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from cluster.resources import uses_gpus
 from opd.config import Config, resolve_path
 from opd.models import load_model, load_tokenizer
 
@@ -15,6 +16,20 @@ def init_process(cfg: Config) -> None:
     torch.set_num_threads(cfg.run.threads_per_actor)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_transformers()
+
+
+def actor_device(cfg: Config) -> torch.device:
+    """The device an actor computes on: its GPU in the GPU modes (Ray sets CUDA_VISIBLE_DEVICES to the GPU of
+    the actor's share, so it is always cuda:0 here), else the CPU."""
+    return torch.device("cuda", 0) if uses_gpus(cfg) else torch.device("cpu")
+
+
+def join_group(self, world_size: int, rank: int, group_name: str) -> None:
+    """Join a `ray.util.collective` group (an actor method): NCCL between GPUs, gloo when on CPU."""
+    from ray.util import collective
+
+    backend = "nccl" if torch.cuda.is_available() and uses_gpus(self.cfg) else "gloo"
+    collective.init_collective_group(world_size, rank, backend=backend, group_name=group_name)
 
 
 def quiet_transformers() -> None:
@@ -39,5 +54,55 @@ def special_ids(model_name: str) -> tuple[int, int, int]:
 
 def load(cfg: Config, side: str, *, dtype: str | None = None):
     """The student or teacher model, in `dtype` (default: model.dtype) with the configured attention."""
-    return load_model(model_source(getattr(cfg.model, side)), dtype=dtype or cfg.model.dtype,
-                      attn_implementation=cfg.model.attn_implementation or None)
+    from opd import shapes
+
+    source, dtype = model_source(getattr(cfg.model, side)), dtype or cfg.model.dtype
+    attn_implementation = cfg.model.attn_implementation or None
+    if shapes.is_random(source):  # a benchmark shape (opd/shapes.py): seeded random weights, nothing on disk
+        from opd.models import DTYPES
+
+        return shapes.random_model(source, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
+                                   seed=cfg.train.seed)
+    return load_model(source, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def _rss_high_water_bytes() -> int:
+    """Peak resident set size of this process (VmHWM, which `reset_peak_memory` can reset; getrusage's
+    ru_maxrss where /proc is missing)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def memory_stats(self) -> dict:
+    """Peak memory since the last `reset_peak_memory` (an actor method): CUDA allocator peak on a GPU, peak
+    resident set size always; with the device's name (the benchmark's roofline looks it up)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return {"peak_rss_bytes": _rss_high_water_bytes(), "rss_bytes": _rss_bytes(),
+            "peak_cuda_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "device": torch.cuda.get_device_name() if cuda else "cpu"}
+
+
+def _rss_bytes() -> int:
+    try:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def reset_peak_memory(self) -> None:
+    """Start a new peak (an actor method): the CUDA allocator's, and the RSS high-water mark (Linux: writing 5 to
+    /proc/self/clear_refs resets it to the current RSS)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass

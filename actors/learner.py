@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, get_scheduler
+from transformers import get_scheduler
 
-from actors.common import init_process, load, model_source, special_ids
-from cluster import weights
+from actors.common import actor_device, init_process, join_group, load, model_source, special_ids
+from cluster import transport, weights
 from kernels.chunked import chunked_divergence, chunked_sampled_rkl, chunked_token_logprobs
+from opd import checkpoint
 from opd.batch import OutputHead, RolloutBatch, TeacherScores
 from opd.config import Config
 from opd.models import DTYPES
@@ -26,14 +28,19 @@ class LearnerActor:
         torch.manual_seed(cfg.train.seed)
         self.cfg = cfg
         self.eos_id, self.pad_id, self.vocab_size = special_ids(cfg.model.student)
-        self.model = load(cfg, "student", dtype="float32").train()  # fp32 master weights
+        self.device = actor_device(cfg)
+        self.model = load(cfg, "student", dtype="float32").to(self.device).train()  # fp32 master weights
         # cpu: the engine maps the fp32 master weights themselves. colocated: it maps a flat copy in the serving
         # dtype that every sync refreshes in place (fp32 master weights stay the learner's own).
         self.shared = self.serving = None
         if cfg.run.mode == "cpu":
             self.shared = weights.share_parameters(self.model, f"student-{uuid.uuid4().hex[:8]}")
         else:
-            self.serving = weights.ServingBuffer(weights.FlatLayout.of(self.model), DTYPES[cfg.model.dtype])
+            self.serving = weights.ServingBuffer(weights.FlatLayout.of(self.model), DTYPES[cfg.model.dtype],
+                                                 device=self.device)
+            self.buckets = tuple(weights.plan_buckets(self.serving.layout,
+                                                      element_bytes=self.serving.flat.element_size()))
+        self._weights_group = None  # split mode, sglang engines: the torch.distributed group they joined
         lc = cfg.learner
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lc.lr, betas=lc.adam_betas,
                                            weight_decay=lc.weight_decay)
@@ -48,21 +55,67 @@ class LearnerActor:
         if head.valid_vocab != self.vocab_size:
             raise ValueError(f"student and teacher tokenizers differ in size ({self.vocab_size} vs "
                              f"{head.valid_vocab}): distil between models that share a tokenizer")
-        self.teacher_head = head
+        self.teacher_head = OutputHead(head.weight.to(self.device), head.valid_vocab)
+
+    join_group = join_group  # split mode: rank 0 of the weights group and of the hidden-states group
+
+    def endpoint(self) -> tuple[str, int]:
+        """An address and free port on this node for a torch.distributed rendezvous (rank 0 listens)."""
+        import socket
+
+        import ray
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))  # a probe for a free port; torch.distributed listens on it next
+            return ray.util.get_node_ip_address(), sock.getsockname()[1]
+
+    def join_sglang_group(self, master_address: str, master_port: int, world_size: int, group_name: str) -> None:
+        """split mode with sglang engines: rank 0 of the torch.distributed group they open with
+        `init_weights_update_group` at the same time (sglang's own helper, so both ends agree)."""
+        from sglang.srt.utils import init_custom_process_group
+
+        self._weights_group = init_custom_process_group(
+            backend="nccl" if self.device.type == "cuda" else "gloo", world_size=world_size, rank=0,
+            init_method=f"tcp://{master_address}:{master_port}", group_name=group_name)
 
     def export_weights(self) -> weights.WeightUpdate:
-        # The first update carries the buffer's handle; later ones only the version.
+        # cpu: the first update carries the buffer's handle, later ones only the version.
         first = not self._exported
         self._exported = True
         if self.serving is None:
             return weights.WeightUpdate(self.version, shared=self.shared if first else None)
         self.serving.refresh(self.model)  # the one cast copy: fp32 master -> serving dtype, in place
+        if self.serving.flat.is_cuda:
+            torch.cuda.synchronize(self.device)  # other processes read the buffer next, on their own streams
+        if self.cfg.run.mode == "split":  # the bytes follow in broadcast_weights, called beside the engines'
+            return weights.WeightUpdate(self.version, broadcast=weights.BroadcastSpec(
+                self.serving.layout, self.serving.dtype, self.buckets, weights.WEIGHTS_GROUP))
+        if self.cfg.rollout.engine == "sglang":
+            # Fresh IPC handles for each sync (sglang releases each one it opened); the buffer never moves, and
+            # it is not rewritten before the next sync, after the engine has generated with these weights.
+            from actors.engines.sglang import encode_flattened_bucket
+
+            return weights.WeightUpdate(self.version, sglang_buckets=tuple(
+                encode_flattened_bucket([(n, t) for n, t in self.serving.named_views()[b.start:b.stop]], 1)
+                for b in self.buckets))
         handle = weights.ServingHandle(weights.share_handle(self.serving.flat), self.serving.layout,
                                        self.serving.dtype) if first else None
         return weights.WeightUpdate(self.version, serving=handle)
 
+    def broadcast_weights(self) -> int:
+        """split mode: send the serving buffer (refreshed by export_weights) to every engine, bucket by bucket."""
+        weights.broadcast_buckets(self.serving, self.buckets, weights.WEIGHTS_GROUP, process_group=self._weights_group)
+        return self.version
+
+    def _scores(self, batch: RolloutBatch, parts: tuple[TeacherScores, ...]) -> TeacherScores:
+        """The teacher replicas' scores of consecutive shards of `batch`, fetched to this device (mapped
+        through IPC, received over the collective group, or already here from the object store)."""
+        fetched = [TeacherScores(p.policy_version, hidden_states=transport.fetch(p.hidden_states, self.device),
+                                 token_logprobs=transport.fetch(p.token_logprobs, self.device)) for p in parts]
+        return TeacherScores.concat(fetched).check(batch)
+
     def _student_hidden(self, batch: RolloutBatch) -> torch.Tensor:
-        input_ids, attention_mask, positions = batch.padded(self.pad_id)
+        input_ids, attention_mask, positions = (t.to(self.device) for t in batch.padded(self.pad_id))
         hidden_BTd = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return hidden_BTd.reshape(-1, hidden_BTd.shape[-1])[positions]  # [num_response_tokens, d_s]
 
@@ -71,25 +124,28 @@ class LearnerActor:
         n = h_s.shape[0]
         return chunked_divergence(
             h_s, self.model.get_output_embeddings().weight, scores.hidden_states, self.teacher_head.weight,
-            torch.ones(n), kind=lc.kind, beta=lc.beta, temperature=lc.temperature, valid_vocab=self.vocab_size,
+            torch.ones(n, device=self.device), kind=lc.kind, beta=lc.beta, temperature=lc.temperature, valid_vocab=self.vocab_size,
             num_tokens=n, chunk_size=lc.chunk_size)
 
     def _sampled_rkl(self, h_s: torch.Tensor, batch: RolloutBatch, scores: TeacherScores):
         lc = self.cfg.loss
         n = h_s.shape[0]
         return chunked_sampled_rkl(
-            h_s, self.model.get_output_embeddings().weight, batch.response_ids, scores.token_logprobs,
-            batch.logprobs, torch.ones(n), num_tokens=n, temperature=lc.temperature, clip_ratio=lc.clip_ratio,
+            h_s, self.model.get_output_embeddings().weight, batch.response_ids.to(self.device), scores.token_logprobs,
+            batch.logprobs.to(self.device), torch.ones(n, device=self.device), num_tokens=n, temperature=lc.temperature, clip_ratio=lc.clip_ratio,
             valid_vocab=self.vocab_size, chunk_size=lc.chunk_size)
 
-    def train_step(self, batch: RolloutBatch, scores: TeacherScores) -> dict[str, float]:
+    def train_step(self, batch: RolloutBatch, *scores: TeacherScores) -> dict[str, float]:
+        """One optimizer step on `batch`; `scores`: one TeacherScores per teacher replica, for consecutive shards."""
         assert self.teacher_head is not None, "set_teacher_head before train_step"
-        batch.check()
-        scores.check(batch)
-        # On-policy contract: the engine sampled with the weights this learner holds now.
-        if batch.policy_version != self.version:
-            raise RuntimeError(f"batch sampled by policy {batch.policy_version}, learner is at {self.version}")
         start = time.perf_counter()
+        batch.check()
+        scores = self._scores(batch, scores)
+        # On-policy contract: the engine sampled with the weights this learner holds now (with run.overlap, with
+        # the weights of one step before).
+        lag = self.version - batch.policy_version
+        if not 0 <= lag <= int(self.cfg.run.overlap):
+            raise RuntimeError(f"batch sampled by policy {batch.policy_version}, learner is at {self.version}")
         n = batch.num_response_tokens
         h_s = self._student_hidden(batch)
         r = self.cfg.rollout
@@ -109,9 +165,9 @@ class LearnerActor:
             gap = float("nan")
             if comparable:
                 learner_logprobs = chunked_token_logprobs(h_s.detach(), self.model.get_output_embeddings().weight,
-                                                          batch.response_ids, temperature=r.temperature,
-                                                          valid_vocab=self.vocab_size)
-                gap = float((learner_logprobs - batch.logprobs).abs().max())
+                                                          batch.response_ids.to(self.device),
+                                                          temperature=r.temperature, valid_vocab=self.vocab_size)
+                gap = float((learner_logprobs - batch.logprobs.to(self.device)).abs().max())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.max_grad_norm)
@@ -134,11 +190,13 @@ class LearnerActor:
             "logprob/learner_minus_rollout/absmax": gap,
             "timing/learner_s": time.perf_counter() - start,
             "policy/version": float(self.version),
+            "sync/policy_lag": float(lag),
         }
 
     @torch.no_grad()
-    def evaluate(self, batch: RolloutBatch, scores: TeacherScores) -> dict[str, float]:
+    def evaluate(self, batch: RolloutBatch, *scores: TeacherScores) -> dict[str, float]:
         """Exact full-vocabulary KL between student and teacher on `batch` (no update)."""
+        scores = self._scores(batch, scores)
         self.model.eval()
         h_s = self._student_hidden(batch)
         _, stats = self._divergence(h_s, scores)
@@ -148,11 +206,20 @@ class LearnerActor:
                 "entropy/student/mean": float(stats[2]) / n,
                 "response/length/mean": float(batch.response_lens.float().mean())}
 
-    def save(self, path: str) -> str:
-        """The student in Hugging Face format (safetensors) with its tokenizer."""
-        self.model.save_pretrained(path, safe_serialization=True)
-        AutoTokenizer.from_pretrained(model_source(self.cfg.model.student)).save_pretrained(path)
+    def save_checkpoint(self, path: str, run_state: dict) -> str:
+        """An atomic checkpoint at `path` (opd/checkpoint.py): the student in Hugging Face format with its
+        tokenizer, the optimizer / scheduler / RNG state, and the driver's `run_state`; then older ones are pruned."""
+        checkpoint.write(Path(path), lambda tmp: checkpoint.save_learner(
+            tmp, self.model, self.optimizer, self.scheduler, version=self.version,
+            tokenizer_source=model_source(self.cfg.model.student)), {**run_state, "policy_version": self.version})
+        checkpoint.prune(Path(path).parent.parent, keep=self.cfg.train.keep_checkpoints)
         return path
+
+    def load_checkpoint(self, path: str) -> int:
+        """Restore a checkpoint into the live parameters (in place: cpu mode's engine maps them; colocated mode's
+        serving copy is refreshed from them at the next export). Returns the restored policy version."""
+        self.version = checkpoint.load_learner(Path(path), self.model, self.optimizer, self.scheduler)
+        return self.version
 
     def shutdown(self) -> None:
         if self.shared is not None:

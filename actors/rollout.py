@@ -2,29 +2,64 @@
 
 from __future__ import annotations
 
-from actors.common import init_process, load, special_ids
-from actors.engines.hf import HFEngine
+from actors.common import actor_device, init_process, join_group, load, model_source, special_ids
+from actors.engines.hf import HFEngine, resolve_sampler
 from cluster.weights import WeightUpdate
 from opd.batch import RolloutBatch
 from opd.config import Config
 
 
 class RolloutActor:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, replica: int = 0):
         init_process(cfg)
-        self.cfg = cfg
+        self.cfg, self.replica = cfg, replica
         eos_id, pad_id, _ = special_ids(cfg.model.student)
-        # cpu mode: the engine's parameters become views of the learner's fp32 buffer, so load it in fp32
-        self.engine = HFEngine(load(cfg, "student", dtype="float32"), eos_id=eos_id, pad_id=pad_id)
+        self.sglang = cfg.rollout.engine == "sglang"
+        if self.sglang:
+            from actors.engines.sglang import SGLangEngine
+
+            self.engine = SGLangEngine.from_config(model_source(cfg.model.student), eos_id=eos_id,
+                                                   mem_fraction_static=cfg.rollout.mem_fraction,
+                                                   dtype=cfg.model.dtype, random_seed=cfg.train.seed + replica)
+        else:
+            device = actor_device(cfg)
+            # cpu mode: the engine's parameters become views of the learner's fp32 buffer, so load it in fp32;
+            # the GPU modes serve the model.dtype copy the learner publishes.
+            model = load(cfg, "student", dtype="float32" if cfg.run.mode == "cpu" else None).to(device)
+            self.engine = HFEngine(model, eos_id=eos_id, pad_id=pad_id,
+                                   sampler=resolve_sampler(cfg.rollout.sampler, device))
 
     def generate(self, prompts: list[list[int]], *, seed: int, greedy: bool = False) -> RolloutBatch:
         r = self.cfg.rollout
-        return self.engine.generate(
+        self.engine.resume_memory()  # the KV cache, if released after the last generate
+        batch = self.engine.generate(
             prompts, num_samples=1 if greedy else r.num_samples, temperature=r.temperature, top_p=r.top_p,
             top_k=r.top_k, max_new_tokens=r.max_new_tokens, greedy=greedy, seed=seed)
+        if self.sglang:
+            # Hand the KV cache (and CUDA graphs) to the teacher and learner until the next generate. The weights
+            # stay: a sync updates them in place, and an evaluation can generate without a sync.
+            self.engine.release_memory(["kv_cache", "cuda_graph"])
+        return batch
 
     def load_weights(self, update: WeightUpdate) -> int:
-        return self.engine.load_weights(update)
+        if not self.sglang:
+            return self.engine.load_weights(update)  # maps the shared buffer / receives the broadcast
+        from actors.engines.sglang import DistributedUpdate, TensorBucketUpdate
+
+        if update.sglang_buckets is not None:  # colocated: CUDA IPC handles to the learner's serving buffer
+            return self.engine.load_weights(TensorBucketUpdate(update.version, buckets=update.sglang_buckets))
+        spec = update.broadcast  # split: one broadcast per bucket, received by sglang into its own buffers
+        layout = spec.layout
+        return self.engine.load_weights(DistributedUpdate(
+            update.version, names=layout.names, dtypes=[spec.dtype] * len(layout.names), shapes=layout.shapes,
+            group_name=spec.group, load_format="flattened_bucket", bucket_sizes=[len(b) for b in spec.buckets]))
+
+    join_group = join_group  # split mode, hf engine: rank 1 + replica of the weights group
+
+    def join_sglang_group(self, master_address: str, master_port: int, world_size: int, group_name: str) -> None:
+        """split mode, sglang engine: open the weight-update group the learner joins as rank 0."""
+        self.engine.init_weights_group(master_address, master_port, rank_offset=1 + self.replica,
+                                       world_size=world_size, group_name=group_name)
 
     def weight_version(self) -> int:
         return self.engine.weight_version()

@@ -5,23 +5,28 @@ from __future__ import annotations
 
 import torch
 
-from actors.common import init_process, load, special_ids
+from actors.common import actor_device, init_process, join_group, load, special_ids
 from actors.engines.hf import HFEngine
+from cluster.resources import hidden_transport
+from cluster.transport import Outbox
 from kernels.chunked import chunked_token_logprobs
 from opd.batch import OutputHead, RolloutBatch, TeacherScores
 from opd.config import Config
 
 
 class TeacherActor:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, replica: int = 0):
         init_process(cfg)
         self.cfg = cfg
+        self.device = actor_device(cfg)
         self.eos_id, self.pad_id, self.vocab_size = special_ids(cfg.model.teacher)
-        self.model = load(cfg, "teacher").eval().requires_grad_(False)
+        self.model = load(cfg, "teacher").to(self.device).eval().requires_grad_(False)
+        # hidden states leave through the object store (cpu), an IPC handle (colocated) or a send (split)
+        self.outbox = Outbox(hidden_transport(cfg), rank=1 + replica)
         self.engine = HFEngine(self.model, eos_id=self.eos_id, pad_id=self.pad_id)  # for evaluation only
 
     def output_head(self) -> OutputHead:
-        weight = self.model.get_output_embeddings().weight.detach().float().clone()
+        weight = self.model.get_output_embeddings().weight.detach().float().cpu().clone()
         return OutputHead(weight=weight, valid_vocab=self.vocab_size)
 
     @torch.no_grad()
@@ -34,15 +39,22 @@ class TeacherActor:
         batch was sampled from); the response ids are scored unchanged after it."""
         batch.check()
         prompts = None if teacher_prompts is None else [teacher_prompts[i] for i in batch.prompt_index.tolist()]
-        input_ids, attention_mask, positions = batch.padded(self.pad_id, prompts=prompts)
+        input_ids, attention_mask, positions = (t.to(self.device) for t in batch.padded(self.pad_id, prompts=prompts))
         # The decoder alone: its last hidden state is already final-normed, and no [B, T, V] logits are made.
         hidden_BTd = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         hidden = hidden_BTd.reshape(-1, hidden_BTd.shape[-1])[positions].float()
         if hidden_states if hidden_states is not None else self.cfg.loss.kind != "sampled_rkl":
-            return TeacherScores(policy_version=batch.policy_version, hidden_states=hidden).check(batch)
-        logprobs = chunked_token_logprobs(hidden, self.model.get_output_embeddings().weight, batch.response_ids,
-                                          temperature=self.cfg.loss.temperature, valid_vocab=self.vocab_size)
-        return TeacherScores(policy_version=batch.policy_version, token_logprobs=logprobs).check(batch)
+            return TeacherScores(policy_version=batch.policy_version, hidden_states=self.outbox.export(hidden)).check(batch)
+        logprobs = chunked_token_logprobs(hidden, self.model.get_output_embeddings().weight,
+                                          batch.response_ids.to(self.device), temperature=self.cfg.loss.temperature,
+                                          valid_vocab=self.vocab_size)
+        return TeacherScores(policy_version=batch.policy_version, token_logprobs=logprobs.cpu()).check(batch)
+
+    join_group = join_group  # split mode: rank 1 + replica of the hidden-states group
+
+    def send_pending(self) -> int:
+        """split mode: send the hidden states scored since the last call; the learner receives them meanwhile."""
+        return self.outbox.send()
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int) -> RolloutBatch:
         """Greedy answers of the teacher (evaluation: the accuracy the student is measured against)."""

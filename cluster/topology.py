@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -14,8 +14,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.learner import LearnerActor
 from actors.rollout import RolloutActor
 from actors.teacher import TeacherActor
-from cluster.resources import placement_plan, uses_gpus
-from opd.config import PROJECT_ROOT, Config
+from cluster.resources import hidden_transport, placement_plan, uses_gpus
+from cluster.transport import HIDDEN_GROUP
+from cluster.weights import WEIGHTS_GROUP
+from opd.batch import RolloutBatch
+from opd.config import PROJECT_ROOT, Config, ConfigError
+
+PLACEMENT_TIMEOUT_S = 120
+
 
 def connect(cfg: Config) -> bool:
     """Join the cluster named by run.ray_address or RAY_ADDRESS (set by `ray job submit`), else start a
@@ -48,12 +54,84 @@ def _reload_ray_auth_config() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
+@ray.remote(num_cpus=0)
+def _merge_rollouts(offsets: list[int], *parts: RolloutBatch) -> RolloutBatch:
+    """The shards several rollout replicas sampled, as one batch indexed by the step's prompts."""
+    for offset, part in zip(offsets, parts, strict=True):
+        part.prompt_index = part.prompt_index + offset
+    return RolloutBatch.concat(list(parts))
+
+
+@ray.remote(num_cpus=0)
+def _split_rollout(batch: RolloutBatch, num_parts: int) -> list[RolloutBatch]:
+    return batch.split(num_parts)
+
+
 @dataclass
 class Actors:
-    rollout: ray.actor.ActorHandle
-    teacher: ray.actor.ActorHandle
+    """The run's actors and the phases of a step over them. The driver calls these and never sees how many
+    replicas there are or how tensors travel between them (cluster/resources.py, cluster/transport.py)."""
+
+    cfg: Config
+    rollouts: list[ray.actor.ActorHandle]
+    teachers: list[ray.actor.ActorHandle]
     learner: ray.actor.ActorHandle
     group: PlacementGroup
+    _sends: list = field(default_factory=list)  # split: the teachers' pending hidden-state sends
+
+    @property
+    def rollout(self) -> ray.actor.ActorHandle:
+        return self.rollouts[0]
+
+    @property
+    def teacher(self) -> ray.actor.ActorHandle:
+        return self.teachers[0]
+
+    def generate(self, prompts: list[list[int]], *, seed: int, greedy: bool = False) -> ray.ObjectRef:
+        """One RolloutBatch for `prompts`: replica i samples the i-th consecutive share (seed + i)."""
+        if len(self.rollouts) == 1:
+            return self.rollout.generate.remote(prompts, seed=seed, greedy=greedy)
+        n = len(self.rollouts)
+        bounds = [round(i * len(prompts) / n) for i in range(n + 1)]
+        parts = [r.generate.remote(prompts[lo:hi], seed=seed + i, greedy=greedy)
+                 for i, (r, lo, hi) in enumerate(zip(self.rollouts, bounds, bounds[1:])) if hi > lo]
+        return _merge_rollouts.remote([lo for lo, hi in zip(bounds, bounds[1:]) if hi > lo], *parts)
+
+    def score(self, batch: ray.ObjectRef, *, teacher_prompts: list[list[int]] | None = None,
+              hidden_states: bool | None = None) -> list[ray.ObjectRef]:
+        """The teacher's scores of `batch`, one ref per teacher replica (consecutive shards of the samples)."""
+        kwargs = dict(teacher_prompts=teacher_prompts, hidden_states=hidden_states)
+        if len(self.teachers) == 1:
+            return [self.teacher.score.remote(batch, **kwargs)]
+        shards = _split_rollout.options(num_returns=len(self.teachers)).remote(batch, len(self.teachers))
+        return [t.score.remote(shard, **kwargs) for t, shard in zip(self.teachers, shards, strict=True)]
+
+    def train_step(self, batch: ray.ObjectRef, scores: list[ray.ObjectRef]) -> ray.ObjectRef:
+        ref = self.learner.train_step.remote(batch, *scores)
+        self._send_hidden()
+        return ref
+
+    def evaluate(self, batch: ray.ObjectRef, scores: list[ray.ObjectRef]) -> ray.ObjectRef:
+        ref = self.learner.evaluate.remote(batch, *scores)
+        self._send_hidden()
+        return ref
+
+    def _send_hidden(self) -> None:
+        # split: each teacher sends what it scored while the learner receives it (checked at the next sync)
+        if hidden_transport(self.cfg) == "collective":
+            self._sends += [t.send_pending.remote() for t in self.teachers]
+
+    def sync(self) -> int:
+        """The learner's current weights to every rollout replica; returns the version they all hold."""
+        update = self.learner.export_weights.remote()
+        loads = [r.load_weights.remote(update) for r in self.rollouts]
+        broadcast = [self.learner.broadcast_weights.remote()] if self.cfg.run.mode == "split" else []
+        versions = ray.get(loads + broadcast)
+        ray.get(self._sends)
+        self._sends = []
+        if len(set(versions)) != 1:
+            raise RuntimeError(f"after a sync the engines and learner hold weight versions {versions}")
+        return versions[0]
 
     def shutdown(self) -> None:
         """Release the learner's shared buffer, then stop the actors this run started (by handle)."""
@@ -61,22 +139,49 @@ class Actors:
             ray.get(self.learner.shutdown.remote(), timeout=60)
         except (ray.exceptions.RayError, TimeoutError) as e:  # a dead learner: its file may stay in /dev/shm
             logging.getLogger(__name__).warning("learner shutdown failed (%s)", type(e).__name__)
-        for handle in (self.rollout, self.teacher, self.learner):
+        for handle in (*self.rollouts, *self.teachers, self.learner):
             ray.kill(handle)
         remove_placement_group(self.group)
 
 
 def launch(cfg: Config) -> Actors:
-    """One placement group per run, laid out by cluster/resources.py's plan for the mode."""
-    plan = placement_plan(cfg.run.mode, cfg.run.cpus_per_actor, use_gpus=uses_gpus(cfg))
+    """One placement group per run, laid out by cluster/resources.py's plan for the mode; in split mode the
+    collective groups (learner -> engines for weights, teachers -> learner for hidden states) are joined here."""
+    r = cfg.run
+    plan = placement_plan(r.mode, r.cpus_per_actor, use_gpus=uses_gpus(cfg), rollout_replicas=r.rollout_replicas,
+                          teacher_replicas=r.teacher_replicas)
     group = placement_group(list(plan.bundles), strategy=plan.strategy)
-    ray.get(group.ready(), timeout=120)
+    try:
+        ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise ConfigError(f"the Ray cluster cannot place run.mode={r.mode} within {PLACEMENT_TIMEOUT_S} s: it "
+                          f"needs {list(plan.bundles)} ({plan.strategy}); free or add resources, or lower "
+                          f"run.cpus_per_actor / the replica counts") from None
 
-    def place(cls, role: str):
-        where = plan.actors[role]
+    def place(cls, role: str, i: int = 0, *args):
+        where = plan.actors[role][i]
         strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=where.bundle)
         return ray.remote(cls).options(num_cpus=where.num_cpus, num_gpus=where.num_gpus,
-                                       scheduling_strategy=strategy).remote(cfg)
+                                       scheduling_strategy=strategy).remote(cfg, *args)
 
-    return Actors(rollout=place(RolloutActor, "rollout"), teacher=place(TeacherActor, "teacher"),
-                  learner=place(LearnerActor, "learner"), group=group)
+    actors = Actors(cfg, rollouts=[place(RolloutActor, "rollout", i, i) for i in range(r.rollout_replicas)],
+                    teachers=[place(TeacherActor, "teacher", i, i) for i in range(r.teacher_replicas)],
+                    learner=place(LearnerActor, "learner"), group=group)
+    if r.mode == "split":
+        _join_groups(cfg, actors)
+    return actors
+
+
+def _join_groups(cfg: Config, actors: Actors) -> None:
+    joins = [actors.learner.join_group.remote(1 + len(actors.teachers), 0, HIDDEN_GROUP)]
+    joins += [t.join_group.remote(1 + len(actors.teachers), 1 + i, HIDDEN_GROUP) for i, t in enumerate(actors.teachers)]
+    world = 1 + len(actors.rollouts)
+    if cfg.rollout.engine == "sglang":  # sglang opens its own torch.distributed group; the learner joins it
+        address, port = ray.get(actors.learner.endpoint.remote())
+        joins.append(actors.learner.join_sglang_group.remote(address, port, world, WEIGHTS_GROUP))
+        joins += [e.join_sglang_group.remote(address, port, world, WEIGHTS_GROUP) for e in actors.rollouts]
+    else:
+        joins.append(actors.learner.join_group.remote(world, 0, WEIGHTS_GROUP))
+        joins += [e.join_group.remote(world, 1 + i, WEIGHTS_GROUP) for i, e in enumerate(actors.rollouts)]
+    ray.get(joins)

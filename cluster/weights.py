@@ -57,12 +57,27 @@ class ServingHandle:
 
 
 @dataclass(frozen=True)
+class BroadcastSpec:
+    """split: at every sync the learner (rank 0 of `group`) broadcasts its serving buffer, bucket by bucket, and
+    each engine receives it at the same time into a buffer of the same layout."""
+
+    layout: FlatLayout
+    dtype: torch.dtype
+    buckets: tuple[range, ...]
+    group: str
+
+
+@dataclass(frozen=True)
 class WeightUpdate:
     """One sync: the version the learner's weights are at (and, the first time, the handle to map)."""
 
     version: int
     shared: SharedWeights | None = None  # cpu mode: the fp32 master weights themselves
-    serving: ServingHandle | None = None  # colocated mode: the serving-dtype copy
+    serving: ServingHandle | None = None  # colocated mode, hf engine: the serving-dtype copy, mapped once
+    # colocated mode, sglang engine: per bucket of the serving buffer, the serialised flattened bucket (CUDA IPC
+    # handles, one payload per TP rank), made in the learner's process at every sync
+    sglang_buckets: tuple[list[bytes], ...] | None = None
+    broadcast: BroadcastSpec | None = None  # split mode: receive the broadcast now
 
 
 def _map(path: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -109,6 +124,7 @@ def release(shared: SharedWeights) -> None:
 
 # ---------------------------------------------------------------- GPU modes: the serving buffer and its buckets
 
+WEIGHTS_GROUP = "opd-weights"  # split mode: the learner is rank 0, rollout replica i is rank 1 + i
 BUCKET_BYTES = 512 << 20  # ~512 MB per update call: per-tensor IPC updates were 4.3x slower (NOTES.md)
 
 
@@ -158,19 +174,24 @@ class ServingBuffer:
         return self.flat[lo:hi], [(self.layout.names[i], torch.Size(self.layout.shapes[i])) for i in indices]
 
 
-def broadcast_buckets(buffer: ServingBuffer, buckets: list[range], group_name: str) -> None:
+def broadcast_buckets(buffer: ServingBuffer, buckets: list[range] | tuple[range, ...], group_name: str, *,
+                      process_group=None) -> None:
     """Split mode, both sides of one call: the learner (rank 0) sends its serving buffer bucket by bucket, every
     engine rank receives each bucket straight into its own buffer (an hf engine whose parameters are the
     buffer's views, see `bind_to_buffer`, then holds the new weights with no further copy).
 
     NCCL through cupy on GPUs (`ray.util.collective`), gloo on CPU (tests). Ray's NCCL broadcast returns once
     the copy is enqueued on its own stream and does not record it: synchronise before the buffer is reused.
+    `process_group`: a torch.distributed group instead (the learner's end of an sglang weight-update group).
     """
     from ray.util import collective
 
     for indices in buckets:
         tensor, _ = buffer.bucket(indices)
-        collective.broadcast(tensor, src_rank=0, group_name=group_name)
+        if process_group is not None:
+            torch.distributed.broadcast(tensor, src=0, group=process_group)
+        else:
+            collective.broadcast(tensor, src_rank=0, group_name=group_name)
     if buffer.flat.is_cuda:
         torch.cuda.synchronize(buffer.flat.device)  # host sync: the next refresh may overwrite the buffer
 

@@ -46,6 +46,33 @@ class RolloutBatch:
         assert self.logprobs.dtype == torch.float32
         return self
 
+    @classmethod
+    def concat(cls, parts: list["RolloutBatch"]) -> "RolloutBatch":
+        """One batch from the shards several rollout replicas sampled (samples in the order of `parts`;
+        `prompt_index` stays the index into the step's prompts, which the caller gave each shard)."""
+        versions = {p.policy_version for p in parts}
+        assert len(versions) == 1, f"shards sampled with different weight versions {sorted(versions)}"
+        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in _TENSOR_FIELDS),
+                   finish_reasons=[r for p in parts for r in p.finish_reasons],
+                   policy_version=versions.pop()).check()
+
+    def split(self, num_parts: int) -> list["RolloutBatch"]:
+        """Consecutive shards of samples, as equal as possible (for several teacher replicas)."""
+        bounds = [round(i * self.num_samples / num_parts) for i in range(num_parts + 1)]
+        p_ends = torch.cumsum(self.prompt_lens, 0).tolist()
+        r_ends = torch.cumsum(self.response_lens, 0).tolist()
+
+        def offset(ends, i):
+            return 0 if i == 0 else int(ends[i - 1])
+
+        shards = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            p, r = slice(offset(p_ends, lo), offset(p_ends, hi)), slice(offset(r_ends, lo), offset(r_ends, hi))
+            shards.append(RolloutBatch(self.prompt_ids[p], self.prompt_lens[lo:hi], self.response_ids[r],
+                                       self.response_lens[lo:hi], self.logprobs[r], self.prompt_index[lo:hi],
+                                       self.finish_reasons[lo:hi], self.policy_version).check())
+        return shards
+
     def prompts(self) -> list[list[int]]:
         return [t.tolist() for t in torch.split(self.prompt_ids, self.prompt_lens.tolist())]
 
@@ -73,19 +100,32 @@ class RolloutBatch:
         return input_ids, attention_mask, torch.cat(positions)
 
 
+_TENSOR_FIELDS = ("prompt_ids", "prompt_lens", "response_ids", "response_lens", "logprobs", "prompt_index")
+
+
 @dataclass
 class TeacherScores:
     """What the loss needs from the teacher: hidden states (full-vocabulary losses) or the log-prob of each
     sampled token (sampled-token loss); the other field is None."""
 
     policy_version: int  # copied from the RolloutBatch it scores
-    hidden_states: Tensor | None = None  # [num_response_tokens, d_teacher] fp32, final (normed) hidden states
+    # [num_response_tokens, d_teacher] fp32, final (normed) hidden states; in the GPU modes a
+    # cluster.transport.RemoteTensor (same shape and dtype) that the learner fetches
+    hidden_states: Tensor | None = None
     token_logprobs: Tensor | None = None  # [num_response_tokens] fp32, log p_T(sampled token) at loss temperature
+
+    @classmethod
+    def concat(cls, parts: list["TeacherScores"]) -> "TeacherScores":
+        """The scores of consecutive batch shards (`RolloutBatch.split`), fetched, as one."""
+        if len(parts) == 1:
+            return parts[0]
+        field = "hidden_states" if parts[0].hidden_states is not None else "token_logprobs"
+        return cls(policy_version=parts[0].policy_version, **{field: torch.cat([getattr(p, field) for p in parts])})
 
     def check(self, batch: RolloutBatch) -> "TeacherScores":
         assert (self.hidden_states is None) != (self.token_logprobs is None), "exactly one of the two"
         if self.hidden_states is not None:
-            assert self.hidden_states.dim() == 2 and self.hidden_states.shape[0] == batch.num_response_tokens
+            assert len(self.hidden_states.shape) == 2 and self.hidden_states.shape[0] == batch.num_response_tokens
             assert self.hidden_states.dtype == torch.float32
         else:
             assert self.token_logprobs.shape == (batch.num_response_tokens,)

@@ -15,7 +15,8 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOSSES = ("fkl", "rkl", "jsd", "sampled_rkl")
 MODES = ("cpu", "colocated", "split")
-ENGINES = ("hf",)
+ENGINES = ("hf", "sglang")
+SAMPLERS = ("auto", "torch", "flashinfer")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -70,9 +71,15 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     max_new_tokens: int = 8
+    ignore_eos: bool = False  # every response runs to max_new_tokens (benchmarks: fixed-length responses)
+    # hf engine on a GPU: FlashInfer's top-k / top-p sampling from probabilities (auto: when installed)
+    sampler: str = "auto"
+    mem_fraction: float = 0.4  # sglang: GPU memory fraction for its weights and KV cache (mem_fraction_static)
 
     def __post_init__(self):
         _require(self.engine in ENGINES, f"rollout.engine={self.engine!r} is unknown: use one of {ENGINES}")
+        _require(self.sampler in SAMPLERS, f"rollout.sampler={self.sampler!r} is unknown: use one of {SAMPLERS}")
+        _require(0 < self.mem_fraction < 1, f"rollout.mem_fraction={self.mem_fraction} must be in (0, 1)")
         _require(self.num_samples > 0, f"rollout.num_samples={self.num_samples} must be > 0")
         _require(self.temperature > 0, f"rollout.temperature={self.temperature} must be > 0")
         _require(0 < self.top_p <= 1, f"rollout.top_p={self.top_p} must be in (0, 1]")
@@ -125,11 +132,18 @@ class TrainConfig:
     prompts_per_step: int
     seed: int = 0
     eval_every: int = 0  # 0: evaluate at start and end only
+    save_every: int = 0  # checkpoint (run_dir/checkpoints/step_<N>/) every N steps; 0: only at the end
+    keep_checkpoints: int = 2  # the newest N checkpoints stay, older ones are deleted
+    max_consecutive_skips: int = 5  # stop when N steps in a row had a non-finite loss or gradient (0: never)
 
     def __post_init__(self):
         _require(self.steps > 0, f"train.steps={self.steps} must be > 0")
         _require(self.prompts_per_step > 0, f"train.prompts_per_step={self.prompts_per_step} must be > 0")
         _require(self.eval_every >= 0, f"train.eval_every={self.eval_every} must be >= 0")
+        _require(self.save_every >= 0, f"train.save_every={self.save_every} must be >= 0 (0 = only at the end)")
+        _require(self.keep_checkpoints > 0, f"train.keep_checkpoints={self.keep_checkpoints} must be > 0")
+        _require(self.max_consecutive_skips >= 0,
+                 f"train.max_consecutive_skips={self.max_consecutive_skips} must be >= 0 (0 = never stop)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,12 +158,46 @@ class RunConfig:
     cpus_per_actor: float = 0.5  # Ray scheduling share of each actor
     threads_per_actor: int = 1  # torch threads inside each actor (one is robust on a busy 2-core box)
     progress: bool = True
+    resume: str = ""  # a run directory to continue from its latest checkpoint (set by --resume RUN_DIR)
+    resume: str = ""  # a run directory to continue from its latest checkpoint (set by --resume RUN_DIR)
+    rollout_replicas: int = 1  # rollout actors; the step's prompts are split between them
+    teacher_replicas: int = 1  # teacher actors; the step's samples are split between them
+    # split mode: sample step k+1 while the learner trains step k (one step off-policy, `sync/policy_lag`)
+    overlap: bool = False
 
     def __post_init__(self):
+        _require(self.rollout_replicas > 0, f"run.rollout_replicas={self.rollout_replicas} must be > 0")
+        _require(self.teacher_replicas > 0, f"run.teacher_replicas={self.teacher_replicas} must be > 0")
+        _require(not self.overlap or self.mode == "split",
+                 f"run.overlap=true needs run.mode=split (the rollout and learner need their own devices), "
+                 f"not {self.mode}")
         _require(self.mode in MODES, f"run.mode={self.mode!r} is unknown: use one of {', '.join(MODES)}")
         _require(self.device in ("auto", "cpu"), f"run.device={self.device!r} is unknown: use auto or cpu")
         _require(self.cpus_per_actor > 0, f"run.cpus_per_actor={self.cpus_per_actor} must be > 0")
         _require(self.threads_per_actor > 0, f"run.threads_per_actor={self.threads_per_actor} must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    """`driver.py --bench` (opd/bench.py): timed steps on fixed-length responses, per phase, with a roofline."""
+
+    enabled: bool = False  # set by --bench
+    shapes: str = ""  # a pair of assets/shapes with random weights (opd/shapes.py SHAPE_PAIRS); "" = model.*
+    num_layers: int = 0  # keep the first N decoder layers of each shape (0 = all): real widths on a CPU
+    vocab_size: int = 0  # output rows of both shapes (0 = theirs)
+    warmup_steps: int = 1  # untimed steps first (allocator, caches, lazy initialisation)
+    steps: int = 3  # timed steps
+    prompt_tokens: int = 64  # random prompt ids per prompt (the response length is rollout.max_new_tokens)
+    peak_tflops: float = 0.0  # the roofline's device peak FLOP rate (0: the datasheet table, or measured on CPU)
+    peak_gbps: float = 0.0  # the roofline's device memory bandwidth in GB/s (0: as above)
+
+    def __post_init__(self):
+        _require(self.num_layers >= 0, f"bench.num_layers={self.num_layers} must be >= 0 (0 = all)")
+        _require(self.vocab_size >= 0, f"bench.vocab_size={self.vocab_size} must be >= 0 (0 = the shapes')")
+        _require(self.warmup_steps >= 0, f"bench.warmup_steps={self.warmup_steps} must be >= 0")
+        _require(self.steps > 0, f"bench.steps={self.steps} must be > 0")
+        _require(self.prompt_tokens > 0, f"bench.prompt_tokens={self.prompt_tokens} must be > 0")
+        _require(self.peak_tflops >= 0 and self.peak_gbps >= 0, "bench.peak_tflops and bench.peak_gbps must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,6 +209,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
     def __post_init__(self):
         # The importance ratio compares the student's distribution with the sampler's: they must be the same one.
@@ -292,6 +341,48 @@ def override(cfg, assignment: str):
         return dataclasses.replace(node, **{name: apply(getattr(node, name), names[1:])})
 
     return apply(cfg, path)
+
+
+def config_from_dict(saved: dict, where: str = "config", cls=None):
+    """The config tree from its `to_dict()` form (a run's config.json); fields it lacks take their defaults."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    _require(isinstance(saved, dict) and set(saved) <= names,
+             f"{where}: unknown settings {sorted(set(saved) - names) if isinstance(saved, dict) else saved!r} "
+             f"for {cls.__name__}: was it written by another version of this project?")
+    kwargs = {}
+    for name, value in saved.items():
+        if dataclasses.is_dataclass(hints[name]):
+            value = config_from_dict(value, where, hints[name])
+        elif typing.get_origin(hints[name]) is tuple:
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required setting is missing
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def config_from_dict(saved: dict, where: str = "config", cls=None):
+    """The config tree from its `to_dict()` form (a run's config.json); fields it lacks take their defaults."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    _require(isinstance(saved, dict) and set(saved) <= names,
+             f"{where}: unknown settings {sorted(set(saved) - names) if isinstance(saved, dict) else saved!r} "
+             f"for {cls.__name__}: was it written by another version of this project?")
+    kwargs = {}
+    for name, value in saved.items():
+        if dataclasses.is_dataclass(hints[name]):
+            value = config_from_dict(value, where, hints[name])
+        elif typing.get_origin(hints[name]) is tuple:
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required setting is missing
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _setting_names(cfg) -> str:

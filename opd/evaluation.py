@@ -26,10 +26,9 @@ def evaluate(actors, prompt_set: PromptSet, tokenizer: PreTrainedTokenizerBase, 
              teacher_accuracy: float | None = None) -> dict[str, float]:
     """`teacher_accuracy`: pass the cached value after the first evaluation (the teacher does not change)."""
     prompts, teacher_prompts = student_ids(prompt_set.eval), teacher_ids(prompt_set.eval)
-    greedy = actors.rollout.generate.remote(prompts, seed=EVAL_SEED, greedy=True)
-    sampled = actors.rollout.generate.remote(prompts, seed=EVAL_SEED)
-    scores = actors.teacher.score.remote(sampled, hidden_states=True, teacher_prompts=teacher_prompts)
-    kl = actors.learner.evaluate.remote(sampled, scores)
+    greedy = actors.generate(prompts, seed=EVAL_SEED, greedy=True)
+    sampled = actors.generate(prompts, seed=EVAL_SEED)
+    kl = actors.evaluate(sampled, actors.score(sampled, hidden_states=True, teacher_prompts=teacher_prompts))
     teacher = None if teacher_accuracy is not None else actors.teacher.generate.remote(
         teacher_prompts or prompts, max_new_tokens=max_new_tokens)
     out = {"eval/accuracy/student": accuracy(ray.get(greedy), prompt_set, tokenizer)}

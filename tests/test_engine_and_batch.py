@@ -51,3 +51,73 @@ def test_padded_positions_predict_the_response_tokens():
     assert input_ids.flatten()[positions + 1].tolist() == batch.response_ids.tolist()
     _, _, teacher_positions = batch.padded(pad_id=0, prompts=[[4, 4, 4, 4], [4]])  # teacher's own prompt prefix
     assert teacher_positions.tolist() == [3, 5, 6]
+
+
+def _check_sampled_logprobs(engine, batch, temperature, top_k=0, top_p=1.0):
+    """Each log-prob is that of the token under softmax(logits / T) after top-k / top-p, renormalised,
+    recomputed from one plain forward pass (independent of the decode path)."""
+    from actors.engines.hf import filter_probs
+
+    for prompt, response, lp in zip(batch.prompts(), batch.responses(),
+                                    torch.split(batch.logprobs, batch.response_lens.tolist()), strict=True):
+        logits = engine.model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1: -1].float()
+        probs = filter_probs(torch.softmax(logits / temperature, -1), top_k=top_k, top_p=top_p)
+        want = probs.gather(1, torch.tensor(response)[:, None]).squeeze(1).log()
+        assert torch.allclose(lp, want, atol=1e-4), (lp, want)
+
+
+def test_decode_loop_matches_generate(root):
+    """The GPU decode loop (run here with the torch sampler): greedy tokens and log-probs equal transformers'
+    generate; sampled log-probs are those of the distribution sampled from, truncation included."""
+    engine, tok = _engine(root)
+    prompts = [tok(p).input_ids for p in ["07+45=", "99+99=", "1+2="]]
+    reference = engine.generate(prompts, max_new_tokens=6, greedy=True)
+    engine.sampler = "torch"
+    greedy = engine.generate(prompts, max_new_tokens=6, greedy=True)
+    assert greedy.responses() == reference.responses() and greedy.finish_reasons == reference.finish_reasons
+    assert torch.allclose(greedy.logprobs, reference.logprobs, atol=1e-5)
+    sampled = engine.generate(prompts, num_samples=4, temperature=0.7, max_new_tokens=6, seed=3)
+    _check_sampled_logprobs(engine, sampled, 0.7)
+    truncated = engine.generate(prompts, num_samples=4, temperature=1.3, top_k=5, top_p=0.8, max_new_tokens=6,
+                                seed=4)
+    _check_sampled_logprobs(engine, truncated, 1.3, top_k=5, top_p=0.8)
+    assert (truncated.logprobs > -torch.log(torch.tensor(5.0)) * 10).all()  # nothing outside the top 5 sampled
+
+
+def test_filter_probs_against_transformers_warpers():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from actors.engines.hf import filter_probs
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    warped = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(10)(None, logits.clone()))
+    want = torch.softmax(warped, -1)
+    assert torch.allclose(filter_probs(torch.softmax(logits, -1), top_k=10, top_p=0.8), want, atol=1e-6)
+
+
+def _batch(prompts, responses, version=3):
+    return RolloutBatch(
+        prompt_ids=torch.tensor([t for p in prompts for t in p]), prompt_lens=torch.tensor([len(p) for p in prompts]),
+        response_ids=torch.tensor([t for r in responses for t in r]),
+        response_lens=torch.tensor([len(r) for r in responses]),
+        logprobs=-torch.arange(sum(map(len, responses)), dtype=torch.float32), prompt_index=torch.arange(len(prompts)),
+        finish_reasons=["stop"] * len(prompts), policy_version=version).check()
+
+
+def test_split_then_concat_is_the_identity():
+    batch = _batch([[1, 2], [3], [4, 5, 6], [7], [8, 9]], [[10], [11, 12], [13, 14, 15], [16], [17, 18]])
+    for parts in (1, 2, 3, 5):
+        shards = batch.split(parts)
+        assert len(shards) == parts and sum(s.num_samples for s in shards) == 5
+        assert [p for s in shards for p in s.prompts()] == batch.prompts()
+        assert [r for s in shards for r in s.responses()] == batch.responses()
+        whole = RolloutBatch.concat(shards)
+        for f in ("prompt_ids", "prompt_lens", "response_ids", "response_lens", "logprobs", "prompt_index"):
+            assert torch.equal(getattr(whole, f), getattr(batch, f)), f
+
+
+def test_concat_refuses_shards_of_different_versions():
+    import pytest
+
+    with pytest.raises(AssertionError, match="different weight versions"):
+        RolloutBatch.concat([_batch([[1]], [[2]], version=1), _batch([[1]], [[2]], version=2)])

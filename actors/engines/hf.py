@@ -9,15 +9,30 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from cluster.weights import WeightUpdate, attach_parameters, attach_serving
+from cluster.weights import (ServingBuffer, WeightUpdate, attach_parameters, attach_serving, bind_to_buffer,
+                             broadcast_buckets)
 from opd.batch import RolloutBatch
 
 
+def resolve_sampler(name: str, device: torch.device) -> str | None:
+    """None: transformers' `generate` (CPU, the reference); "torch" / "flashinfer": this engine's own decode loop
+    on a GPU, sampling with torch or with FlashInfer's kernels (auto: FlashInfer when it is installed)."""
+    if device.type != "cuda" and name == "auto":
+        return None
+    if name == "auto":
+        import importlib.util
+
+        return "flashinfer" if importlib.util.find_spec("flashinfer") else "torch"
+    return name
+
+
 class HFEngine:
-    def __init__(self, model: PreTrainedModel, *, eos_id: int, pad_id: int):
+    def __init__(self, model: PreTrainedModel, *, eos_id: int, pad_id: int, sampler: str | None = None):
         self.model = model.eval()
         self.eos_id, self.pad_id = eos_id, pad_id
+        self.sampler = sampler  # None: transformers' generate; "torch" | "flashinfer": the decode loop below
         self._version = -1  # no weights published yet
+        self._buffer: ServingBuffer | None = None  # split mode: the buffer the broadcast lands in
 
     @classmethod
     def from_pretrained(cls, path: str, *, eos_id: int, pad_id: int, device: str = "cpu") -> "HFEngine":
@@ -34,6 +49,12 @@ class HFEngine:
             attach_parameters(self.model, update.shared)  # once: from now on the weights are the learner's
         if update.serving is not None:
             attach_serving(self.model, update.serving)  # once: the learner refreshes the buffer in place
+        if update.broadcast is not None:  # split: receive into a buffer whose views are the parameters
+            spec = update.broadcast
+            if self._buffer is None:
+                self._buffer = ServingBuffer(spec.layout, spec.dtype, device=self.model.device)
+                bind_to_buffer(self.model, self._buffer)
+            broadcast_buckets(self._buffer, spec.buckets, spec.group)
         self._version = update.version
         return self._version
 
@@ -66,11 +87,15 @@ class HFEngine:
                                   **sampling)
         if seed is not None:
             torch.manual_seed(seed)  # generate samples from the global generator
-        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                  generation_config=config)
-        new_ids = out.sequences[:, width:].cpu()
-        # scores are the processed logits each token was sampled from; normalise them to log-probs.
-        logprobs = self.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).cpu()
+        if self.sampler is None:
+            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                      generation_config=config)
+            new_ids = out.sequences[:, width:].cpu()
+            # scores are the processed logits each token was sampled from; normalise them to log-probs.
+            logprobs = self.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).cpu()
+        else:
+            new_ids, logprobs = self._decode(input_ids.to(device), attention_mask.to(device), greedy=greedy,
+                                             max_new_tokens=max_new_tokens, **sampling)
 
         responses, response_logprobs, lens, reasons = [], [], [], []
         for ids, lps in zip(new_ids.tolist(), logprobs, strict=True):
@@ -89,3 +114,59 @@ class HFEngine:
             finish_reasons=reasons,
             policy_version=self._version,
         ).check()
+
+    def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+                greedy: bool, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
+        """A KV-cached decode loop that samples with torch or FlashInfer (GPU). Returns `[B, max_new_tokens]`
+        token ids (pad after end-of-sequence) and the log-prob of each under the distribution sampled from
+        (after temperature, top-k and top-p, renormalised), as `generate` + `compute_transition_scores` do."""
+        rows = input_ids.shape[0]
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        tokens, logprobs = [], []
+        done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+        step_ids, step_pos, cache = input_ids, positions, None
+        for _ in range(max_new_tokens):
+            out = self.model(input_ids=step_ids, attention_mask=attention_mask, position_ids=step_pos,
+                             past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1].float()
+            if greedy:
+                token = logits.argmax(-1)
+                logprob = torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
+            else:
+                probs = filter_probs(torch.softmax(logits / temperature, -1), top_k=top_k, top_p=top_p)
+                token = sample_from(probs, self.sampler)
+                logprob = probs.gather(-1, token[:, None])[:, 0].log()
+            token = torch.where(done, self.pad_id, token)
+            tokens.append(token)
+            logprobs.append(torch.where(done, 0.0, logprob))
+            done |= token == self.eos_id
+            if bool(done.all()):
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            step_ids, step_pos = token[:, None], step_pos[:, -1:] + 1
+        pad = max_new_tokens - len(tokens)
+        ids = torch.nn.functional.pad(torch.stack(tokens, 1), (0, pad), value=self.pad_id)
+        return ids.cpu(), torch.nn.functional.pad(torch.stack(logprobs, 1), (0, pad)).cpu()
+
+
+def filter_probs(probs: torch.Tensor, *, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then top-p (nucleus) truncation of `[B, V]` probabilities, renormalised (transformers' order)."""
+    if top_k > 0:
+        kth = probs.topk(min(top_k, probs.shape[-1]), dim=-1).values[:, -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep a token if the mass before it is below top_p (the most likely token is always kept)
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) / sorted_probs.sum(-1, keepdim=True) >= top_p
+        probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def sample_from(probs: torch.Tensor, sampler: str) -> torch.Tensor:
+    """One token id per row of (already truncated and renormalised) probabilities."""
+    if sampler == "flashinfer":
+        import flashinfer
+
+        return flashinfer.sampling.sampling_from_probs(probs).long()
+    return torch.multinomial(probs, 1)[:, 0]

@@ -93,11 +93,22 @@ class DistributedUpdate:
     shapes: Sequence[Sequence[int]]
     group_name: str
     load_format: str | None = None
+    # consecutive runs of `names` received one call (one broadcast, with flattened_bucket) each; None: one call
+    bucket_sizes: Sequence[int] | None = None
 
     def __post_init__(self):
         if not len(self.names) == len(self.dtypes) == len(self.shapes) > 0:
             raise ValueError(f"DistributedUpdate: names, dtypes, shapes must be non-empty and equally long, got "
                              f"{len(self.names)}, {len(self.dtypes)}, {len(self.shapes)}")
+        if self.bucket_sizes is not None and (sum(self.bucket_sizes) != len(self.names)
+                                              or min(self.bucket_sizes) < 1):
+            raise ValueError(f"DistributedUpdate.bucket_sizes {list(self.bucket_sizes)} must be positive and add "
+                             f"up to the {len(self.names)} names")
+
+    def calls(self) -> list[slice]:
+        sizes = self.bucket_sizes or [len(self.names)]
+        ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+        return [slice(end - size, end) for size, end in zip(sizes, ends, strict=True)]
         if self.load_format not in (None, "flattened_bucket"):
             raise ValueError(f"DistributedUpdate.load_format={self.load_format!r}: use None or 'flattened_bucket'")
 
@@ -242,11 +253,13 @@ class SGLangEngine:
                                         load_format=update.load_format, flush_cache=i == num_buckets - 1)
                     self._check(result, f"update_weights_from_tensor (bucket {i + 1} of {num_buckets})")
             else:
-                result = self._call("update_weights_from_distributed", names=list(update.names),
-                                    dtypes=[_dtype_name(d) for d in update.dtypes],
-                                    shapes=[list(s) for s in update.shapes], group_name=update.group_name,
-                                    flush_cache=True, load_format=update.load_format)
-                self._check(result, "update_weights_from_distributed")
+                calls = update.calls()
+                for i, part in enumerate(calls):  # the learner broadcasts the same buckets in the same order
+                    result = self._call("update_weights_from_distributed", names=list(update.names[part]),
+                                        dtypes=[_dtype_name(d) for d in update.dtypes[part]],
+                                        shapes=[list(s) for s in update.shapes[part]], group_name=update.group_name,
+                                        flush_cache=i == len(calls) - 1, load_format=update.load_format)
+                    self._check(result, f"update_weights_from_distributed (bucket {i + 1} of {len(calls)})")
         finally:
             ended = self._call("end_weight_update")  # close the session even when a bucket failed
         self._check(ended, "end_weight_update")

@@ -1,0 +1,78 @@
+"""Teacher -> learner tensors (the teacher's hidden states) outside Ray's object store.
+
+cpu mode sends the tensor itself through the object store. colocated mode sends a CUDA IPC handle (teacher and
+learner share one GPU; a shared-memory file when the mode's plumbing runs on CPU): the learner maps the teacher's
+memory, nothing is copied. split mode sends the shape, and the tensor follows over a collective send/recv (NCCL
+between the two GPUs; gloo on CPU) while the learner receives it straight into its own device.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from cluster.weights import open_handle, share_handle
+
+HIDDEN_GROUP = "opd-hidden"  # the learner is rank 0, teacher replica i is rank 1 + i
+
+
+@dataclass(frozen=True)
+class RemoteTensor:
+    """A tensor that stayed in the producer's process; `fetch` makes it local to the consumer."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    handle: bytes | None = None  # ipc: share_handle's bytes
+    src_rank: int = -1  # collective: the sender's rank in `group`
+    group: str = ""
+
+    def fetch(self, device: torch.device | str) -> torch.Tensor:
+        if self.handle is not None:
+            return open_handle(self.handle).to(device)  # mapped; on the producer's device this is no copy
+        from ray.util import collective
+
+        out = torch.empty(self.shape, dtype=self.dtype, device=device)
+        collective.recv(out, self.src_rank, self.group)  # the producer's `Outbox.send` runs at the same time
+        return out
+
+
+class Outbox:
+    """The producer's side: keeps what it exported alive until the consumer is done with it.
+
+    ipc: the last `keep` tensors stay referenced (the learner maps one while the teacher may already score the
+    next batch); collective: the tensors wait for `send`, which the driver calls beside the learner's receive.
+    """
+
+    def __init__(self, transport: str, rank: int = -1, group: str = HIDDEN_GROUP, keep: int = 2):
+        self.transport, self.rank, self.group = transport, rank, group
+        self._held: deque[torch.Tensor] = deque(maxlen=keep)
+        self._pending: list[torch.Tensor] = []
+
+    def export(self, tensor: torch.Tensor) -> torch.Tensor | RemoteTensor:
+        if self.transport == "object_store":
+            return tensor.cpu()
+        tensor = tensor.contiguous()
+        if self.transport == "ipc":
+            self._held.append(tensor)
+            return RemoteTensor(tuple(tensor.shape), tensor.dtype, handle=share_handle(tensor))
+        self._pending.append(tensor)
+        return RemoteTensor(tuple(tensor.shape), tensor.dtype, src_rank=self.rank, group=self.group)
+
+    def send(self) -> int:
+        """Send every tensor exported since the last call, in order, to rank 0. Returns how many."""
+        from ray.util import collective
+
+        pending, self._pending = self._pending, []
+        for tensor in pending:
+            collective.send(tensor, 0, self.group)
+        if pending and pending[0].is_cuda:
+            torch.cuda.synchronize(pending[0].device)  # Ray's NCCL send is only enqueued; the tensor is freed next
+        return len(pending)
+
+
+def fetch(value: torch.Tensor | RemoteTensor | None, device: torch.device | str) -> torch.Tensor | None:
+    if isinstance(value, RemoteTensor):
+        return value.fetch(device)
+    return None if value is None else value.to(device)
