@@ -14,6 +14,7 @@ import torch
 from transformers import get_scheduler
 
 from actors.common import actor_device, init_process, join_group, load, model_source, special_ids
+from actors.common import memory_stats, reset_peak_memory
 from cluster import transport, weights
 from kernels.chunked import chunked_divergence, chunked_sampled_rkl, chunked_token_logprobs
 from opd import checkpoint
@@ -77,6 +78,8 @@ class LearnerActor:
         self._weights_group = init_custom_process_group(
             backend="nccl" if self.device.type == "cuda" else "gloo", world_size=world_size, rank=0,
             init_method=f"tcp://{master_address}:{master_port}", group_name=group_name)
+
+    memory_stats, reset_peak_memory = memory_stats, reset_peak_memory  # the benchmark's peak memory
 
     def export_weights(self) -> weights.WeightUpdate:
         # cpu: the first update carries the buffer's handle, later ones only the version.
@@ -170,12 +173,18 @@ class LearnerActor:
                 gap = float((learner_logprobs - batch.logprobs.to(self.device)).abs().max())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if loss.is_cuda:
+            torch.cuda.synchronize()  # timing: the backward kernels have run
+        backward_done = time.perf_counter()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.max_grad_norm)
         finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))  # host sync
         if finite:
             self.optimizer.step()  # writes the shared buffer in place: the engine sees it at once
             self.scheduler.step()
             self.version += 1
+        if loss.is_cuda:
+            torch.cuda.synchronize()
+        optimizer_done = time.perf_counter()  # clipping and the step
         lens = batch.response_lens.float()
         return {
             "loss": float(loss.detach()),
@@ -189,6 +198,8 @@ class LearnerActor:
             "response/tokens/sum": float(n),
             "logprob/learner_minus_rollout/absmax": gap,
             "timing/learner_s": time.perf_counter() - start,
+            "timing/learner_forward_backward_s": backward_done - start,
+            "timing/optimizer_s": optimizer_done - backward_done,
             "policy/version": float(self.version),
             "sync/policy_lag": float(lag),
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from actors.common import actor_device, init_process, join_group, load, model_source, special_ids
+from actors.common import memory_stats, reset_peak_memory
 from actors.engines.hf import HFEngine, resolve_sampler
 from cluster.weights import WeightUpdate
 from opd.batch import RolloutBatch
@@ -34,7 +35,8 @@ class RolloutActor:
         self.engine.resume_memory()  # the KV cache, if released after the last generate
         batch = self.engine.generate(
             prompts, num_samples=1 if greedy else r.num_samples, temperature=r.temperature, top_p=r.top_p,
-            top_k=r.top_k, max_new_tokens=r.max_new_tokens, greedy=greedy, seed=seed)
+            top_k=r.top_k, max_new_tokens=r.max_new_tokens, greedy=greedy, seed=seed,
+            ignore_eos=r.ignore_eos and not greedy)
         if self.sglang:
             # Hand the KV cache (and CUDA graphs) to the teacher and learner until the next generate. The weights
             # stay: a sync updates them in place, and an evaluation can generate without a sync.
@@ -63,6 +65,8 @@ class RolloutActor:
 
     def weight_version(self) -> int:
         return self.engine.weight_version()
+
+    memory_stats, reset_peak_memory = memory_stats, reset_peak_memory  # the benchmark's peak memory
 
     def logits(self, input_ids):
         """Full logits of the engine's model (tests and canaries only)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from actors.common import actor_device, init_process, join_group, load, special_ids
+from actors.common import memory_stats, reset_peak_memory
 from actors.engines.hf import HFEngine
 from cluster.resources import hidden_transport
 from cluster.transport import Outbox
@@ -24,6 +25,8 @@ class TeacherActor:
         # hidden states leave through the object store (cpu), an IPC handle (colocated) or a send (split)
         self.outbox = Outbox(hidden_transport(cfg), rank=1 + replica)
         self.engine = HFEngine(self.model, eos_id=self.eos_id, pad_id=self.pad_id)  # for evaluation only
+
+    memory_stats, reset_peak_memory = memory_stats, reset_peak_memory  # the benchmark's peak memory
 
     def output_head(self) -> OutputHead:
         weight = self.model.get_output_embeddings().weight.detach().float().cpu().clone()

@@ -67,8 +67,10 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], *, num_samples: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, max_new_tokens: int, greedy: bool = False,
-                 seed: int | None = None) -> RolloutBatch:
-        """Sample `num_samples` responses per prompt (token ids in, token ids out).
+                 seed: int | None = None, ignore_eos: bool = False) -> RolloutBatch:
+        """Sample `num_samples` responses per prompt (token ids in, token ids out). `ignore_eos`: every
+        response has exactly `max_new_tokens` tokens (end-of-sequence is masked until then, as `min_new_tokens`
+        does; benchmarks).
 
         Log-probs are those of the distribution actually sampled from (after temperature, top-k, top-p).
         """
@@ -84,7 +86,7 @@ class HFEngine:
         sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=top_k)
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, eos_token_id=self.eos_id,
                                   pad_token_id=self.pad_id, return_dict_in_generate=True, output_scores=True,
-                                  **sampling)
+                                  min_new_tokens=max_new_tokens if ignore_eos else None, **sampling)
         if seed is not None:
             torch.manual_seed(seed)  # generate samples from the global generator
         if self.sampler is None:
@@ -95,7 +97,7 @@ class HFEngine:
             logprobs = self.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).cpu()
         else:
             new_ids, logprobs = self._decode(input_ids.to(device), attention_mask.to(device), greedy=greedy,
-                                             max_new_tokens=max_new_tokens, **sampling)
+                                             max_new_tokens=max_new_tokens, ignore_eos=ignore_eos, **sampling)
 
         responses, response_logprobs, lens, reasons = [], [], [], []
         for ids, lps in zip(new_ids.tolist(), logprobs, strict=True):
@@ -116,7 +118,8 @@ class HFEngine:
         ).check()
 
     def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
-                greedy: bool, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
+                greedy: bool, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                ignore_eos: bool = False):
         """A KV-cached decode loop that samples with torch or FlashInfer (GPU). Returns `[B, max_new_tokens]`
         token ids (pad after end-of-sequence) and the log-prob of each under the distribution sampled from
         (after temperature, top-k and top-p, renormalised), as `generate` + `compute_transition_scores` do."""
@@ -130,6 +133,8 @@ class HFEngine:
                              past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             logits = out.logits[:, -1].float()
+            if ignore_eos:  # as generate's min_new_tokens: end-of-sequence cannot be sampled
+                logits[:, self.eos_id] = float("-inf")
             if greedy:
                 token = logits.argmax(-1)
                 logprob = torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]

@@ -48,7 +48,7 @@ SGLANG_CALLS: dict[str, frozenset[str]] = {
 }
 # keys of sglang's SamplingParams this adapter sets (sglang/srt/sampling/sampling_params.py)
 SAMPLING_KEYS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "no_stop_trim",
-                           "sampling_seed"})
+                           "sampling_seed", "ignore_eos"})
 # the fields of sglang's FlattenedTensorMetadata (sglang/srt/weight_sync/tensor_bucket.py)
 BUCKET_METADATA_FIELDS = ("name", "shape", "dtype", "start_idx", "end_idx", "numel")
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # sglang/srt/constants.py; resume in this order
@@ -310,9 +310,10 @@ class SGLangEngine:
 
     def generate(self, prompts: list[list[int]], *, num_samples: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, max_new_tokens: int, greedy: bool = False,
-                 seed: int | None = None) -> RolloutBatch:
+                 seed: int | None = None, ignore_eos: bool = False) -> RolloutBatch:
         """Sample `num_samples` responses per prompt (token ids in, token ids out); see the module docstring
-        for how sglang's log-probs and stops relate to HFEngine's."""
+        for how sglang's log-probs and stops relate to HFEngine's. `ignore_eos`: every response runs to
+        `max_new_tokens` (sglang then checks no stop token at all; benchmarks)."""
         if self._memory.released:
             raise RuntimeError(f"generate while {sorted(self._memory.released)} are released: resume_memory first")
         if self._memory.weights_lost:
@@ -328,7 +329,8 @@ class SGLangEngine:
             raise ValueError(f"temperature={temperature}: sample with temperature > 0, or pass greedy=True")
         flat = [list(p) for p in prompts for _ in range(num_samples)]
         params = [self._sampling_params(i, temperature=temperature, top_p=top_p, top_k=top_k,
-                                        max_new_tokens=max_new_tokens, greedy=greedy, seed=seed)
+                                        max_new_tokens=max_new_tokens, greedy=greedy, seed=seed,
+                                        ignore_eos=ignore_eos)
                   for i in range(len(flat))]
         outputs = self._call("generate", input_ids=flat, sampling_params=params, return_logprob=True)
         # a batch of input_ids (a list of lists) gives a list of outputs, in input order
@@ -354,7 +356,7 @@ class SGLangEngine:
         ).check()
 
     def _sampling_params(self, i: int, *, temperature: float, top_p: float, top_k: int, max_new_tokens: int,
-                         greedy: bool, seed: int | None) -> dict[str, Any]:
+                         greedy: bool, seed: int | None, ignore_eos: bool = False) -> dict[str, Any]:
         params = dict(
             max_new_tokens=max_new_tokens,
             # sglang: temperature 0 means greedy (it sets top_k = 1); top_k -1 means the whole vocabulary
@@ -371,6 +373,8 @@ class SGLangEngine:
                 self._warned_seed = True
                 warnings.warn("SGLangEngine.generate: seed is ignored; sglang seeds sampling only with "
                               "enable_deterministic_inference (from_config(deterministic=True))", stacklevel=3)
+        if ignore_eos:
+            params["ignore_eos"] = True
         assert set(params) <= SAMPLING_KEYS
         return params
 
