@@ -159,7 +159,6 @@ class RunConfig:
     threads_per_actor: int = 1  # torch threads inside each actor (one is robust on a busy 2-core box)
     progress: bool = True
     resume: str = ""  # a run directory to continue from its latest checkpoint (set by --resume RUN_DIR)
-    resume: str = ""  # a run directory to continue from its latest checkpoint (set by --resume RUN_DIR)
     rollout_replicas: int = 1  # rollout actors; the step's prompts are split between them
     teacher_replicas: int = 1  # teacher actors; the step's samples are split between them
     # split mode: sample step k+1 while the learner trains step k (one step off-policy, `sync/policy_lag`)
@@ -341,27 +340,6 @@ def override(cfg, assignment: str):
         return dataclasses.replace(node, **{name: apply(getattr(node, name), names[1:])})
 
     return apply(cfg, path)
-
-
-def config_from_dict(saved: dict, where: str = "config", cls=None):
-    """The config tree from its `to_dict()` form (a run's config.json); fields it lacks take their defaults."""
-    cls = cls or Config
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    _require(isinstance(saved, dict) and set(saved) <= names,
-             f"{where}: unknown settings {sorted(set(saved) - names) if isinstance(saved, dict) else saved!r} "
-             f"for {cls.__name__}: was it written by another version of this project?")
-    kwargs = {}
-    for name, value in saved.items():
-        if dataclasses.is_dataclass(hints[name]):
-            value = config_from_dict(value, where, hints[name])
-        elif typing.get_origin(hints[name]) is tuple:
-            value = tuple(value)
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required setting is missing
-        raise ConfigError(f"{where}: {e}") from None
 
 
 def config_from_dict(saved: dict, where: str = "config", cls=None):

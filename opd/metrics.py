@@ -9,21 +9,61 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from opd.config import ConfigError
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary sibling to write instead of `path`, renamed over it once complete: readers (and a run that
+    crashed mid-write) see the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+class RunStopped(RuntimeError):
+    """The run stopped itself (e.g. too many non-finite steps); the message names the step and what to try."""
+
+
+class SkipGuard:
+    """Counts the learner's skipped (non-finite) steps in a row; `check` stops the run at `limit` (0: never)."""
+
+    def __init__(self, limit: int, run_dir: Path):
+        self.limit, self.run_dir, self.streak = limit, run_dir, 0
+
+    def check(self, step: int, metrics: dict[str, float]) -> None:
+        self.streak = self.streak + 1 if metrics["step/skipped"] else 0
+        if self.limit and self.streak >= self.limit:
+            raise RunStopped(
+                f"step {step}: the last {self.streak} steps (from step {step - self.streak + 1}) had a non-finite "
+                f"loss or gradient and were skipped (train.max_consecutive_skips={self.limit}); the run stopped. "
+                f"Try a lower learner.lr or learner.max_grad_norm, and check the data and the teacher for "
+                f"NaN/inf; checkpoints are in {self.run_dir / 'checkpoints'}")
 
 
 class RunLog:
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
+        # a resumed run's evaluations so far (its preflight dropped the records of steps after the checkpoint)
+        self.eval_rows = read_jsonl(run_dir / "eval.jsonl") if (run_dir / "eval.jsonl").exists() else []
         self._steps = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: a crash loses no line
         self._evals = open(run_dir / "eval.jsonl", "a", buffering=1)
 
@@ -42,11 +82,32 @@ class RunLog:
         self._evals.close()
         rows = read_jsonl(self.run_dir / "metrics.jsonl")
         if rows:
-            pq.write_table(pa.Table.from_pylist(rows), self.run_dir / "metrics.parquet")
+            with atomic_path(self.run_dir / "metrics.parquet") as tmp:
+                pq.write_table(pa.Table.from_pylist(rows), tmp)
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def truncate_jsonl(path: Path, last_step: int) -> list[dict]:
+    """Keep the records of steps <= `last_step` (rewritten atomically) and return them. A torn last line, which
+    a crash mid-write can leave, is dropped; a bad line anywhere else is a corrupt file."""
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise ConfigError(f"{path}:{i + 1}: a corrupt record (not JSON): fix or delete the line") from None
+    kept = [r for r in rows if r["step"] <= last_step]
+    if len(kept) < len(lines):
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
 
 
 def plot_learning_curve(run_dir: Path) -> Path:
@@ -83,6 +144,7 @@ def plot_learning_curve(run_dir: Path) -> Path:
     ax_acc.legend()
     fig.tight_layout()
     path = run_dir / "learning_curve.png"
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path
