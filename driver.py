@@ -2,6 +2,7 @@
 
     python driver.py                                  # the embedded default (preset tiny_cpu)
     python driver.py --preset tiny_cpu --set loss.kind=jsd --set train.steps=200
+    python driver.py --resume runs/<name>                 # continue a run from its latest checkpoint
     ray job submit --working-dir . -- python driver.py --set run.out_dir=$PWD/runs
 """
 
@@ -12,16 +13,27 @@ import sys
 import time
 
 from opd.config import Config, ConfigError, override, preset
+from opd.metrics import RunStopped
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny_cpu", help="a preset of opd/config.py (default: tiny_cpu)")
+    parser.add_argument("--preset", help="a preset of opd/config.py (default: tiny_cpu)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue RUN_DIR from its latest checkpoint with the run's own config (its config.json); "
+                             "--set may change train.steps and other settings that leave the math alone")
     parser.add_argument("--mode", help="cpu | colocated | split (shorthand for --set run.mode=...)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one setting; repeatable")
     args = parser.parse_args(argv)
-    cfg = preset(args.preset)
+    if args.resume and (args.preset or args.mode):
+        raise ConfigError("--resume continues a run with its own config (RUN_DIR/config.json): drop --preset / --mode")
+    if args.resume:
+        from opd.checkpoint import load_run_config
+
+        cfg = load_run_config(args.resume)
+    else:
+        cfg = preset(args.preset or "tiny_cpu")
     for assignment in ([f"run.mode={args.mode}"] if args.mode else []) + args.set:
         cfg = override(cfg, assignment)
     return cfg
@@ -38,7 +50,8 @@ def run(cfg: Config) -> dict:
     from cluster import topology
     from opd.data import PromptStream, student_ids, teacher_ids
     from opd.evaluation import evaluate
-    from opd.metrics import RunLog, plot_learning_curve
+    from opd.checkpoint import Checkpoints
+    from opd.metrics import RunLog, SkipGuard, plot_learning_curve
     from actors.common import model_source
     from opd.models import load_tokenizer
 
@@ -48,6 +61,11 @@ def run(cfg: Config) -> dict:
         actors = topology.launch(cfg)
         tokenizer = load_tokenizer(model_source(cfg.model.student))
         stream = PromptStream(prepared.prompts.train, cfg.train.seed)
+        skips = SkipGuard(cfg.train.max_consecutive_skips, run_dir)
+        checkpoints = Checkpoints(cfg, run_dir, actors.learner, stream, skips)
+        # --resume: the learner's weights (in place), optimizer, scheduler and RNG, the data cursor and the step;
+        # before the first sync below hands the weights to the engine
+        start = checkpoints.restore(prepared.resume_from)
         log = RunLog(run_dir)
         log.log_data_counts(prepared.prompts.counts)
 
@@ -61,8 +79,9 @@ def run(cfg: Config) -> dict:
             log.log_eval(step, metrics)
             return metrics
 
-        before = last = run_eval(0)
-        bar = tqdm(range(1, cfg.train.steps + 1), desc="opd", disable=not cfg.run.progress, dynamic_ncols=True)
+        # a resumed run's evaluations so far are in eval.jsonl (step 0's holds the teacher's accuracy)
+        before, last = (log.eval_rows[0], log.eval_rows[-1]) if log.eval_rows else (run_eval(0),) * 2
+        bar = tqdm(range(start + 1, cfg.train.steps + 1), desc="opd", disable=not cfg.run.progress, dynamic_ncols=True)
         def rollout(step: int):
             prompts = stream.next_batch(cfg.train.prompts_per_step)
             return prompts, actors.generate(student_ids(prompts), seed=cfg.train.seed * 1_000_003 + step)
@@ -93,13 +112,14 @@ def run(cfg: Config) -> dict:
                             "timing/overlap_wait_s": t4 - t3, "timing/sync_s": t5 - t4, "timing/step_s": t5 - t0,
                             "throughput/tokens_per_s": metrics["response/tokens/sum"] / (t5 - t0)})
             log.log_step(step, metrics)
+            skips.check(step, metrics)  # stops the run after train.max_consecutive_skips skipped steps in a row
             rkl = metrics.get("kl/reverse/mean", metrics.get("kl/reverse/sampled_mean"))
             bar.set_postfix({"rkl": f"{rkl:.3f}", "len": f"{metrics['response/length/mean']:.1f}"})
             if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
                 last = run_eval(step, before["eval/accuracy/teacher"])
                 bar.write(f"step {step}: student accuracy {last['eval/accuracy/student']:.1%}, "
                           f"held-out reverse KL {last['eval/kl/reverse/mean']:.4f}")
-        checkpoint = ray.get(actors.learner.save.remote(str(run_dir / "checkpoint")))
+            checkpoints.after_step(step)  # every train.save_every steps and at the end, after that step's eval
         log.close()
         plot_learning_curve(run_dir)
     finally:
@@ -107,7 +127,7 @@ def run(cfg: Config) -> dict:
             actors.shutdown()
         if started_ray:
             ray.shutdown()
-    summary = {"run_dir": str(run_dir), "checkpoint": checkpoint, "before": before, "after": last}
+    summary = {"run_dir": str(run_dir), "checkpoint": checkpoints.last, "before": before, "after": last}
     print_summary(summary)
     return summary
 
@@ -128,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

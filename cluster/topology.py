@@ -38,9 +38,20 @@ def connect(cfg: Config) -> bool:
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
         _reload_ray_auth_config()
+    _loopback_only()
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
              runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}})
     return True
+
+
+def _loopback_only() -> None:
+    """Ray binds its servers to the node's IP, several on every interface; a private instance serves this machine
+    alone, so make the node's IP the loopback: Ray's single-machine setting (its default on macOS and Windows),
+    read by this process (cached at import) and by Ray's own. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 opts out."""
+    from ray._private import ray_constants
+
+    os.environ.setdefault(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
+    ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, True)
 
 
 def _reload_ray_auth_config() -> None:

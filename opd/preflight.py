@@ -1,5 +1,6 @@
 """Everything that can refuse a run, done before Ray starts: built-in assets, model folders, tokenizer
-compatibility, devices, the prompt set, and the run directory. Every refusal is one ConfigError line."""
+compatibility, devices, the prompt set, and the run directory (or, for --resume, its checkpoint). Every refusal
+is one ConfigError line."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class Prepared:
     run_dir: Path
     prompts: PromptSet
     valid_vocab: int  # the shared tokenizer's size; output rows beyond it are padding
+    resume_from: Path | None = None  # --resume: the verified checkpoint the run continues from
 
 
 def _ensure_builtin(path: Path) -> None:
@@ -40,12 +42,32 @@ def _model_source(cfg: Config, side: str) -> str:
     path = resolve_path(name)
     _ensure_builtin(path)
     if (path / "config.json").is_file():
+        _check_weights(path, f"model.{side}={name}")
         return str(path)
     looks_like_hub_id = not name.startswith((".", "/", "~")) and name.count("/") == 1 and not path.exists()
     if not looks_like_hub_id:
         raise ConfigError(f"model.{side}={name}: no Hugging Face model folder (config.json) at {path}; give a local "
                           f"model folder or a hub id")
     return name  # a hub id: transformers resolves it (from its cache when offline)
+
+
+def _check_weights(path: Path, what: str) -> None:
+    """A local model folder has weight files, and each safetensors header is whole (a truncated download or copy
+    fails here, not minutes later inside an actor)."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise ConfigError(f"{what}: {path} has a config.json but no weights (*.safetensors or pytorch_model*.bin); "
+                          f"copy the model's weight files into it")
+    for f in files:
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(f, "pt"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                raise ConfigError(f"{what}: {f} is not a readable safetensors file ({str(e).splitlines()[0]}); "
+                                  f"copy or download it again") from None
 
 
 def preflight(cfg: Config) -> Prepared:
@@ -66,7 +88,34 @@ def preflight(cfg: Config) -> Prepared:
     except (ModelError, OSError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
     prompts = build_prompt_set(cfg.data, cfg.train.seed, tokenizers["student"], tokenizers["teacher"])
+    if cfg.run.resume:
+        run_dir, checkpoint = prepare_resume(cfg)
+        return Prepared(run_dir=run_dir, prompts=prompts, valid_vocab=valid_vocab, resume_from=checkpoint)
     return Prepared(run_dir=make_run_dir(cfg), prompts=prompts, valid_vocab=valid_vocab)
+
+
+def prepare_resume(cfg: Config) -> tuple[Path, Path]:
+    """The run directory and its latest complete checkpoint, verified against its manifest and the config; then
+    the records after that checkpoint's step are dropped, so metrics.jsonl and eval.jsonl read as one run."""
+    from opd import checkpoint
+    from opd.metrics import truncate_jsonl, write_json_atomic
+
+    run_dir = Path(cfg.run.resume).expanduser().resolve()
+    latest = checkpoint.latest(run_dir)
+    if latest is None:
+        raise ConfigError(f"--resume {run_dir}: no complete checkpoint under {run_dir / checkpoint.CHECKPOINTS} (the "
+                          f"run stopped before its first one; set train.save_every): start the run again")
+    checkpoint.verify(latest)
+    state = checkpoint.read_run_state(latest)
+    checkpoint.check_compatible(state["config"], cfg, latest)
+    if state["step"] >= cfg.train.steps:
+        raise ConfigError(f"--resume {run_dir}: the checkpoint is at step {state['step']} and train.steps="
+                          f"{cfg.train.steps}: nothing left to do; raise train.steps to train on")
+    for records in ("metrics.jsonl", "eval.jsonl"):
+        truncate_jsonl(run_dir / records, state["step"])
+    checkpoint.clean_partial(run_dir)  # what an interrupted save left behind
+    write_json_atomic(run_dir / "config.json", cfg.to_dict())
+    return run_dir, latest
 
 
 def make_run_dir(cfg: Config) -> Path:
