@@ -25,7 +25,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--mode", help="cpu | colocated | split (shorthand for --set run.mode=...)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one setting; repeatable")
+    parser.add_argument("--bench", action="store_true",
+                        help="benchmark mode: timed steps per phase with a roofline (opd/bench.py, bench.* settings)")
     args = parser.parse_args(argv)
+    args.set += ["bench.enabled=true"] if args.bench else []
     if args.resume and (args.preset or args.mode):
         raise ConfigError("--resume continues a run with its own config (RUN_DIR/config.json): drop --preset / --mode")
     if args.resume:
@@ -144,7 +147,12 @@ def print_summary(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
-        run(cfg)
+        if cfg.bench.enabled:
+            from opd.bench import run_bench
+
+            run_bench(cfg)
+        else:
+            run(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -257,7 +257,7 @@ def bound(cost: Cost, peak: DevicePeak) -> dict:
     bandwidth = peak.link_bytes_per_s if cost.bandwidth == "link" else peak.memory_bytes_per_s
     memory_s = cost.bytes / bandwidth
     return {"flops": cost.flops, "bytes": cost.bytes, "compute_s": compute_s, "memory_s": memory_s,
-            "bound_s": max(compute_s, memory_s), "bound_by": "compute" if compute_s >= memory_s else "memory"}
+            "bound_s": max(compute_s, memory_s), "bound_by": "compute" if compute_s > memory_s else "memory"}
 
 
 def shape_dict(shape: DecoderShape) -> dict:

@@ -34,7 +34,8 @@ def shape_config(name: str) -> dict:
 
 def synthetic_tokenizer(size: int):
     """A word-level tokenizer with `size` tokens (`<pad>`, `<eos>`, `<unk>`, then `t3` ... ): the benchmark
-    works on token ids, so only the vocabulary size and the special ids matter."""
+    works on token ids, so only the vocabulary size and the special ids matter. (transformers loads it as
+    Qwen2Tokenizer for a qwen2 config, whatever the folder says; ids and specials survive, text encoding not.)"""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -59,8 +60,11 @@ def write_model_folder(out_dir: Path, config: dict, tokenizer_size: int, *, num_
     config.update(bos_token_id=None, eos_token_id=1, pad_token_id=0)  # the synthetic tokenizer's ids
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tokenizer = synthetic_tokenizer(tokenizer_size)
-    tokenizer.save_pretrained(str(out_dir))
+    synthetic_tokenizer(tokenizer_size).save_pretrained(str(out_dir))
+    # transformers 5 records "TokenizersBackend", which transformers 4 cannot resolve (as opd/toy.py does)
+    tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (out_dir / RANDOM_WEIGHTS).write_text(json.dumps({"tokenizer_size": tokenizer_size}) + "\n")
     return out_dir
 

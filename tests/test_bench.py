@@ -1,0 +1,115 @@
+"""Benchmark mode: a tiny CPU bench end to end (its bench.json checked against docs/bench_schema.json), the
+refusals before Ray, fixed-length generation, and the random-weight shape folders."""
+
+import json
+
+import jsonschema
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import driver
+from actors.common import load
+from actors.engines.hf import HFEngine
+from opd import roofline, shapes
+from opd.bench import load_schema
+from opd.config import preset
+
+
+@pytest.mark.slow
+def test_cpu_bench_writes_json_that_matches_the_schema(tmp_path):
+    prompts, response_tokens = 4, 12
+    rc = driver.main(["--bench", "--set", f"run.out_dir={tmp_path}", "--set", "run.name=b", "--set", "run.progress=false",
+                      "--set", f"train.prompts_per_step={prompts}", "--set", f"rollout.max_new_tokens={response_tokens}",
+                      "--set", "rollout.num_samples=2", "--set", "bench.steps=2", "--set", "bench.prompt_tokens=5"])
+    assert rc == 0
+    record = json.loads((tmp_path / "b" / "bench.json").read_text())
+    schema = load_schema()
+    jsonschema.validate(record, schema)  # raises on any missing or mistyped field
+    # the schema can fail: a record without a phase, or with a wrong type, is refused
+    broken = json.loads(json.dumps(record))
+    del broken["phases"]["optimizer"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+    broken = json.loads(json.dumps(record))
+    broken["memory"]["learner"][0]["peak_rss_bytes"] = "1 GiB"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+
+    # fixed-length responses: every step generated prompts x samples x max_new_tokens tokens
+    assert record["workload"]["response_tokens_per_step"] == prompts * 2 * response_tokens
+    assert [s["response_tokens"] for s in record["steps"]] == [prompts * 2 * response_tokens] * 2
+    assert [s["step"] for s in record["steps"]] == [2, 3]  # one warm-up step, then the two timed ones
+    for name, phase in record["phases"].items():
+        values = [s[name] for s in record["steps"]]
+        assert phase["time_s"]["values"] == values and phase["time_s"]["mean"] == pytest.approx(sum(values) / 2)
+    for s in record["steps"]:  # the learner's own split fits inside its wall time on the driver's clock
+        assert s["learner_forward_backward"] + s["optimizer"] <= s["learner_wall"]
+        assert s["rollout"] + s["teacher"] + s["learner_wall"] + s["weight_sync"] <= s["total"] + 1e-6
+    # the roofline's FLOPs are those of the workload and shapes recorded beside them
+    student = roofline.DecoderShape(**{k: v for k, v in record["models"]["student"].items()
+                                       if k not in ("source", "params")})
+    w = roofline.Workload(prompts * 2, 5, response_tokens)
+    assert record["phases"]["rollout"]["roofline"]["flops"] == roofline.rollout_cost(student, w, 4, "float32").flops
+    assert record["phases"]["weight_sync"]["roofline"]["bytes"] == 0  # cpu mode: the engine maps the learner's buffer
+    assert record["device"]["name"] == "cpu" and record["device"]["peak"]["source"] == "measured"
+    assert record["versions"]["torch"] == torch.__version__
+    for entries in record["memory"].values():
+        assert entries[0]["peak_rss_bytes"] >= entries[0]["rss_at_start_bytes"] > 0
+    assert (tmp_path / "b" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "bench.shapes=llama_70b"], "bench.shapes='llama_70b' is unknown"),
+    (["--set", "bench.num_layers=2"], "set bench.shapes too"),
+    (["--set", "bench.steps=0"], "bench.steps=0 must be > 0"),
+])
+def test_bench_refusals_happen_before_ray(tmp_path, capsys, args, message):
+    rc = driver.main(["--bench", "--set", f"run.out_dir={tmp_path}", *args])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # nothing was created
+
+
+def test_shape_folders_build_random_models(tmp_path):
+    student_dir, teacher_dir = shapes.build_pair("qwen25_1p5b_7b", tmp_path, num_layers=1, vocab_size=1024)
+    for folder, name in ((student_dir, "qwen2.5-1.5b-instruct"), (teacher_dir, "qwen2.5-7b-instruct")):
+        config = json.loads((folder / "config.json").read_text())
+        published = shapes.shape_config(name)
+        assert config["num_hidden_layers"] == 1 and config["vocab_size"] == 1024
+        for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                    "tie_word_embeddings", "rope_theta"):
+            assert config[key] == published[key]
+        assert shapes.is_random(folder) and not list(folder.glob("*.safetensors"))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        assert len(tokenizer) == 1024 and (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1)
+        assert tokenizer.convert_tokens_to_ids(["t5", "t1000"]) == [5, 1000]  # the bench sends ids, never text
+    # the actors' loader builds the student from its config, seeded: two loads are the same model
+    cfg = preset("tiny_cpu")
+    cfg = type(cfg)(**{**cfg.__dict__, "model": type(cfg.model)(student=str(student_dir), teacher=str(teacher_dir))})
+    a, b = load(cfg, "student", dtype="float32"), load(cfg, "student", dtype="float32")
+    assert type(a).__name__ == "Qwen2ForCausalLM" and a.config.num_hidden_layers == 1
+    assert sum(p.numel() for p in a.parameters() if p.dim() == 2) == roofline.DecoderShape.of(a.config).params
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert a.model.embed_tokens.weight.std() > 0.01  # initialised, not zeros
+
+
+@pytest.mark.parametrize("sampler", [None, "torch"])
+def test_ignore_eos_gives_fixed_length_responses(root, sampler):
+    tok = AutoTokenizer.from_pretrained(root / "assets/toy/student")
+    engine = HFEngine.from_pretrained(str(root / "assets/toy/student"), eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    engine.sampler = sampler  # None: transformers' generate; "torch": the GPU decode loop, run on the CPU
+    prompts = [tok(p).input_ids for p in ["07+45=", "99+99=", "1+2="]]
+    free = engine.generate(prompts, num_samples=4, max_new_tokens=12, seed=0)
+    assert "stop" in free.finish_reasons  # the toy student answers in 4 tokens and stops
+    fixed = engine.generate(prompts, num_samples=4, max_new_tokens=12, seed=0, ignore_eos=True)
+    assert fixed.response_lens.tolist() == [12] * 12 and set(fixed.finish_reasons) == {"length"}
+    assert tok.eos_token_id not in fixed.response_ids.tolist()
+    # log-probs are those of the distribution sampled from: end-of-sequence masked out
+    for prompt, response, lp in zip(fixed.prompts(), fixed.responses(),
+                                    torch.split(fixed.logprobs, fixed.response_lens.tolist()), strict=True):
+        logits = engine.model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1: -1].float()
+        logits[:, tok.eos_token_id] = float("-inf")
+        want = torch.log_softmax(logits, -1).gather(1, torch.tensor(response)[:, None]).squeeze(1)
+        assert torch.allclose(lp, want, atol=1e-4)
