@@ -24,12 +24,11 @@ def actor_device(cfg: Config) -> torch.device:
     return torch.device("cuda", 0) if uses_gpus(cfg) else torch.device("cpu")
 
 
-def join_group(self, world_size: int, rank: int, group_name: str) -> None:
-    """Join a `ray.util.collective` group (an actor method): NCCL between GPUs, gloo when on CPU."""
-    from ray.util import collective
+def join_groups(self, spec, me: int) -> None:
+    """split mode (an actor method): join the run's collective groups as global member `me`."""
+    from cluster import groups
 
-    backend = "nccl" if torch.cuda.is_available() and uses_gpus(self.cfg) else "gloo"
-    collective.init_collective_group(world_size, rank, backend=backend, group_name=group_name)
+    groups.join(spec, me)
 
 
 def quiet_transformers() -> None:

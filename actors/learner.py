@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import get_scheduler
 
-from actors.common import actor_device, init_process, join_group, load, model_source, special_ids
+from actors.common import actor_device, init_process, join_groups, load, model_source, special_ids
 from actors.common import memory_stats, reset_peak_memory
 from cluster import transport, weights
 from kernels.chunked import chunked_divergence, chunked_sampled_rkl, chunked_token_logprobs
@@ -58,7 +58,7 @@ class LearnerActor:
                              f"{head.valid_vocab}): distil between models that share a tokenizer")
         self.teacher_head = OutputHead(head.weight.to(self.device), head.valid_vocab)
 
-    join_group = join_group  # split mode: rank 0 of the weights group and of the hidden-states group
+    join_groups = join_groups  # split mode: rank 0 of the weights group and of the hidden-states group
 
     def endpoint(self) -> tuple[str, int]:
         """An address and free port on this node for a torch.distributed rendezvous (rank 0 listens)."""

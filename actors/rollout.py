@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from actors.common import actor_device, init_process, join_group, load, model_source, special_ids
+from actors.common import actor_device, init_process, join_groups, load, model_source, special_ids
 from actors.common import memory_stats, reset_peak_memory
 from actors.engines.hf import HFEngine, resolve_sampler
 from cluster.weights import WeightUpdate
@@ -56,7 +56,7 @@ class RolloutActor:
             update.version, names=layout.names, dtypes=[spec.dtype] * len(layout.names), shapes=layout.shapes,
             group_name=spec.group, load_format="flattened_bucket", bucket_sizes=[len(b) for b in spec.buckets]))
 
-    join_group = join_group  # split mode, hf engine: rank 1 + replica of the weights group
+    join_groups = join_groups  # split mode, hf engine: rank 1 + replica of the weights group
 
     def join_sglang_group(self, master_address: str, master_port: int, world_size: int, group_name: str) -> None:
         """split mode, sglang engine: open the weight-update group the learner joins as rank 0."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.common import actor_device, init_process, join_group, load, special_ids
+from actors.common import actor_device, init_process, join_groups, load, special_ids
 from actors.common import memory_stats, reset_peak_memory
 from actors.engines.hf import HFEngine
 from cluster.resources import hidden_transport
@@ -53,7 +53,7 @@ class TeacherActor:
                                           valid_vocab=self.vocab_size)
         return TeacherScores(policy_version=batch.policy_version, token_logprobs=logprobs.cpu()).check(batch)
 
-    join_group = join_group  # split mode: rank 1 + replica of the hidden-states group
+    join_groups = join_groups  # split mode: rank 1 + replica of the hidden-states group
 
     def send_pending(self) -> int:
         """split mode: send the hidden states scored since the last call; the learner receives them meanwhile."""

@@ -15,6 +15,7 @@ from actors.learner import LearnerActor
 from actors.rollout import RolloutActor
 from actors.teacher import TeacherActor
 from cluster.resources import hidden_transport, placement_plan, uses_gpus
+from cluster.groups import GroupSpec
 from cluster.transport import HIDDEN_GROUP
 from cluster.weights import WEIGHTS_GROUP
 from opd.batch import RolloutBatch
@@ -185,14 +186,21 @@ def launch(cfg: Config) -> Actors:
 
 
 def _join_groups(cfg: Config, actors: Actors) -> None:
-    joins = [actors.learner.join_group.remote(1 + len(actors.teachers), 0, HIDDEN_GROUP)]
-    joins += [t.join_group.remote(1 + len(actors.teachers), 1 + i, HIDDEN_GROUP) for i, t in enumerate(actors.teachers)]
-    world = 1 + len(actors.rollouts)
+    """Members by global index: the learner 0, rollout replica i 1 + i, teacher replica j 1 + r + j."""
+    r, t = len(actors.rollouts), len(actors.teachers)
+    members = [actors.learner, *actors.rollouts, *actors.teachers]
+    specs = {HIDDEN_GROUP: (0, *range(1 + r, 1 + r + t))}
+    joins = []
     if cfg.rollout.engine == "sglang":  # sglang opens its own torch.distributed group; the learner joins it
         address, port = ray.get(actors.learner.endpoint.remote())
-        joins.append(actors.learner.join_sglang_group.remote(address, port, world, WEIGHTS_GROUP))
-        joins += [e.join_sglang_group.remote(address, port, world, WEIGHTS_GROUP) for e in actors.rollouts]
+        joins.append(actors.learner.join_sglang_group.remote(address, port, 1 + r, WEIGHTS_GROUP))
+        joins += [e.join_sglang_group.remote(address, port, 1 + r, WEIGHTS_GROUP) for e in actors.rollouts]
     else:
-        joins.append(actors.learner.join_group.remote(world, 0, WEIGHTS_GROUP))
-        joins += [e.join_group.remote(world, 1 + i, WEIGHTS_GROUP) for i, e in enumerate(actors.rollouts)]
+        specs[WEIGHTS_GROUP] = tuple(range(1 + r))
+    backend = "nccl" if uses_gpus(cfg) else "gloo"
+    address, port = ray.get(actors.learner.endpoint.remote())
+    if backend == "gloo":  # the plumbing on CPU: one node (STRICT_PACK), so the rendezvous stays on loopback
+        address = "127.0.0.1"
+    spec = GroupSpec(specs, world_size=len(members), backend=backend, init_method=f"tcp://{address}:{port}")
+    joins += [m.join_groups.remote(spec, i) for i, m in enumerate(members)]
     ray.get(joins)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cluster import groups
 from cluster.weights import open_handle, share_handle
 
 HIDDEN_GROUP = "opd-hidden"  # the learner is rank 0, teacher replica i is rank 1 + i
@@ -31,10 +32,8 @@ class RemoteTensor:
     def fetch(self, device: torch.device | str) -> torch.Tensor:
         if self.handle is not None:
             return open_handle(self.handle).to(device)  # mapped; on the producer's device this is no copy
-        from ray.util import collective
-
         out = torch.empty(self.shape, dtype=self.dtype, device=device)
-        collective.recv(out, self.src_rank, self.group)  # the producer's `Outbox.send` runs at the same time
+        groups.get(self.group).recv(out, self.src_rank)  # the producer's `Outbox.send` runs at the same time
         return out
 
 
@@ -62,11 +61,9 @@ class Outbox:
 
     def send(self) -> int:
         """Send every tensor exported since the last call, in order, to rank 0. Returns how many."""
-        from ray.util import collective
-
         pending, self._pending = self._pending, []
         for tensor in pending:
-            collective.send(tensor, 0, self.group)
+            groups.get(self.group).send(tensor, 0)
         if pending and pending[0].is_cuda:
             torch.cuda.synchronize(pending[0].device)  # Ray's NCCL send is only enqueued; the tensor is freed next
         return len(pending)

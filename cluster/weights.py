@@ -180,18 +180,18 @@ def broadcast_buckets(buffer: ServingBuffer, buckets: list[range] | tuple[range,
     engine rank receives each bucket straight into its own buffer (an hf engine whose parameters are the
     buffer's views, see `bind_to_buffer`, then holds the new weights with no further copy).
 
-    NCCL through cupy on GPUs (`ray.util.collective`), gloo on CPU (tests). Ray's NCCL broadcast returns once
+    NCCL through cupy on GPUs (`ray.util.collective`), gloo on CPU (cluster/groups.py). Ray's NCCL broadcast returns once
     the copy is enqueued on its own stream and does not record it: synchronise before the buffer is reused.
     `process_group`: a torch.distributed group instead (the learner's end of an sglang weight-update group).
     """
-    from ray.util import collective
+    from cluster import groups
 
     for indices in buckets:
         tensor, _ = buffer.bucket(indices)
         if process_group is not None:
             torch.distributed.broadcast(tensor, src=0, group=process_group)
         else:
-            collective.broadcast(tensor, src_rank=0, group_name=group_name)
+            groups.get(group_name).broadcast(tensor, src=0)
     if buffer.flat.is_cuda:
         torch.cuda.synchronize(buffer.flat.device)  # host sync: the next refresh may overwrite the buffer
 

@@ -1,5 +1,5 @@
-"""Split-mode weight broadcast, learner rank 0 -> engine rank 1, with gloo standing in for NCCL on CPU: the
-same `ray.util.collective` calls, another backend (NOTES.md)."""
+"""Split-mode weight broadcast, learner rank 0 -> engine rank 1, with gloo standing in for NCCL on CPU
+(cluster/groups.py: the same broadcast_buckets call, another backend)."""
 
 import pytest
 import ray
@@ -8,26 +8,25 @@ from transformers import AutoModelForCausalLM
 
 from cluster import weights
 
-pytest.importorskip("ray.util.collective")
 
 
 class Side:
     """One end of the broadcast: a model, its serving buffer, the bucket plan."""
 
-    def __init__(self, model_dir: str, rank: int, bind: bool):
+    def __init__(self, model_dir: str, rank: int, bind: bool, device: str = "cpu"):
         torch.set_num_threads(1)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
         self.layout = weights.FlatLayout.of(self.model)
-        self.buffer = weights.ServingBuffer(self.layout, torch.float32)
+        self.buffer = weights.ServingBuffer(self.layout, torch.float32, device=device)
         self.buckets = weights.plan_buckets(self.layout, element_bytes=4, bucket_bytes=256 * 1024)
         if bind:  # the engine: its parameters are the buffer's views, so a received bucket is the weights
             weights.bind_to_buffer(self.model, self.buffer)
         self.rank = rank
 
-    def join(self, world_size: int, group: str) -> None:
-        from ray.util import collective
+    def join(self, world_size: int, group: str, init_method: str, backend: str = "gloo") -> None:
+        from cluster import groups
 
-        collective.init_collective_group(world_size, self.rank, backend="gloo", group_name=group)
+        groups.join(groups.GroupSpec({group: tuple(range(world_size))}, world_size, backend, init_method), self.rank)
 
     def perturb_and_send(self, group: str) -> list[float]:
         with torch.no_grad():
@@ -43,7 +42,7 @@ class Side:
 
     def logits(self, ids):
         with torch.no_grad():
-            return self.model(input_ids=ids).logits
+            return self.model(input_ids=ids.to(self.model.device)).logits.cpu()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +59,12 @@ def test_gloo_broadcast_reaches_the_engine_parameters(root, ray_local):
     model_dir = str(root / "assets/toy/teacher")
     learner = ray.remote(Side).options(num_cpus=0.5).remote(model_dir, 0, False)
     engine = ray.remote(Side).options(num_cpus=0.5).remote(model_dir, 1, True)
-    ray.get([learner.join.remote(2, "opd-weights"), engine.join.remote(2, "opd-weights")])
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        init_method = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    ray.get([learner.join.remote(2, "opd-weights", init_method), engine.join.remote(2, "opd-weights", init_method)])
     ids = torch.tensor([[3, 4, 14, 5, 6, 15]])
     before = ray.get(engine.logits.remote(ids))
     sent, received = ray.get([learner.perturb_and_send.remote("opd-weights"), engine.receive.remote("opd-weights")])
