@@ -188,8 +188,8 @@ def broadcast_buckets(buffer: ServingBuffer, buckets: list[range] | tuple[range,
 
     for indices in buckets:
         tensor, _ = buffer.bucket(indices)
-        if process_group is not None:
-            torch.distributed.broadcast(tensor, src=0, group=process_group)
+        if process_group is not None:  # sglang receives each bucket as the bytes of a FlattenedTensorBucket
+            torch.distributed.broadcast(tensor.view(torch.uint8), src=0, group=process_group)
         else:
             groups.get(group_name).broadcast(tensor, src=0)
     if buffer.flat.is_cuda:

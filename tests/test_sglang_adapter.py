@@ -399,3 +399,75 @@ def test_flatten_bucket_round_trips_through_sglangs_bucket():
     misaligned = [("x", torch.randn(3, 2)), ("y", torch.randn(5).to(torch.bfloat16)), ("z", torch.randn(2))]
     with pytest.raises(ValueError, match="starts at byte 34"):
         flatten_bucket(misaligned, tb.FlattenedTensorMetadata)
+
+
+@needs_sglang
+def test_split_mode_learner_side_matches_sglangs_receiver():
+    """split + sglang: the learner joins sglang's weight-update group with sglang's own helper and broadcasts
+    each bucket as the bytes sglang's receiver allocates (FlattenedTensorBucket.empty: consecutive, unpadded)."""
+    tree = ast.parse(_src("srt/utils/common.py").read_text())
+    helper = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "init_custom_process_group"]
+    assert helper and {"backend", "init_method", "world_size", "rank", "group_name"} <= {
+        a.arg for a in helper[0].args.args}
+    assert "from sglang.srt.utils.common import *" in _src("srt/utils/__init__.py").read_text()
+    bucket = _class("srt/weight_sync/tensor_bucket.py", "FlattenedTensorBucket")
+    assert "empty" in {n.name for n in bucket.body if isinstance(n, ast.FunctionDef)}
+    updater = _src("srt/model_executor/model_runner_components/weight_updater.py").read_text()
+    assert "def _receive_bucketed_weights_from_distributed" in updater and "FlattenedTensorBucket.empty" in updater
+
+
+def test_distributed_update_in_buckets():
+    engine, fake = _adapter()
+    update = DistributedUpdate(version=4, names=("a", "b", "c"), dtypes=(torch.bfloat16,) * 3,
+                               shapes=((2,), (3,), (4,)), group_name="opd", load_format="flattened_bucket",
+                               bucket_sizes=[2, 1])
+    assert engine.load_weights(update) == 4
+    assert fake.methods() == ["begin_weight_update", "update_weights_from_distributed",
+                              "update_weights_from_distributed", "end_weight_update"]
+    assert [c[1]["names"] for c in fake.calls[1:3]] == [["a", "b"], ["c"]]
+    assert [c[1]["flush_cache"] for c in fake.calls[1:3]] == [False, True]  # flushed once, after the last
+    with pytest.raises(ValueError, match="add up to the 3 names"):
+        DistributedUpdate(version=1, names=("a", "b", "c"), dtypes=(torch.bfloat16,) * 3, shapes=((1,),) * 3,
+                          group_name="g", bucket_sizes=[1, 1])
+
+
+def _rollout_actor_with_fake(mode, streams=()):
+    """A RolloutActor whose engine is the adapter around the fake (SGLangEngine.from_config needs a GPU)."""
+    import dataclasses
+
+    from actors.rollout import RolloutActor
+    from opd.config import preset
+
+    cfg = preset("tiny_cpu")
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, mode=mode),
+                              rollout=dataclasses.replace(cfg.rollout, engine="sglang", max_new_tokens=3))
+    actor = object.__new__(RolloutActor)
+    actor.cfg, actor.replica, actor.sglang = cfg, 1, True
+    actor.engine, fake = _adapter(streams)
+    return actor, fake
+
+
+@pytest.mark.filterwarnings("ignore:SGLangEngine.generate. seed is ignored")
+def test_rollout_actor_sync_and_memory_order_with_sglang():
+    from cluster.weights import BroadcastSpec, FlatLayout, WeightUpdate
+
+    actor, fake = _rollout_actor_with_fake("colocated", streams=[[5, 6, 7], [8, EOS]])
+    assert actor.load_weights(WeightUpdate(1, sglang_buckets=(["payload-0"], ["payload-1"]))) == 1
+    batch = actor.generate([[1, 2], [3]], seed=0)
+    assert batch.policy_version == 1 and batch.responses() == [[5, 6, 7], [8, EOS]]
+    # generate, then hand the KV cache and CUDA graphs back; resumed before the next generate
+    fake.streams.append([9, EOS])
+    actor.generate([[1]], seed=0)
+    assert fake.methods() == ["begin_weight_update", "update_weights_from_tensor", "update_weights_from_tensor",
+                              "end_weight_update", "generate", "release_memory_occupation",
+                              "resume_memory_occupation", "generate", "release_memory_occupation"]
+    assert fake.calls[1][1]["named_tensors"] == ["payload-0"] and fake.calls[5][1] == {"tags": ["kv_cache", "cuda_graph"]}
+
+    actor, fake = _rollout_actor_with_fake("split")
+    layout = FlatLayout(("a", "b", "c"), ((2,), (3,), (4,)), (0, 2, 5), 9)
+    spec = BroadcastSpec(layout, torch.bfloat16, (range(0, 2), range(2, 3)), "opd-weights")
+    actor.join_sglang_group("10.0.0.1", 29500, 2, "opd-weights")
+    assert actor.load_weights(WeightUpdate(7, broadcast=spec)) == 7
+    assert fake.calls[0][1]["rank_offset"] == 2  # replica 1 is rank 2 (the learner is 0)
+    sent = [c[1] for c in fake.calls if c[0] == "update_weights_from_distributed"]
+    assert [c["names"] for c in sent] == [["a", "b"], ["c"]] and {c["load_format"] for c in sent} == {"flattened_bucket"}
