@@ -47,7 +47,7 @@ _PARTIAL = ".step_*.tmp-*"  # an interrupted write (or delete)
 # decaying LR schedule; `check_compatible` warns about that). Any other difference refuses the resume.
 RESUMABLE = frozenset({"train.steps", "train.eval_every", "train.save_every", "train.keep_checkpoints",
                        "train.max_consecutive_skips", "run.out_dir", "run.name", "run.resume", "run.ray_address",
-                       "run.cpus_per_actor", "run.threads_per_actor", "run.progress"})
+                       "run.cpus_per_actor", "run.threads_per_actor", "run.progress", "run.max_actor_restarts"})
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
