@@ -85,9 +85,12 @@ def run(cfg: Config) -> dict:
         # a resumed run's evaluations so far are in eval.jsonl (step 0's holds the teacher's accuracy)
         before, last = (log.eval_rows[0], log.eval_rows[-1]) if log.eval_rows else (run_eval(0),) * 2
         bar = tqdm(range(start + 1, cfg.train.steps + 1), desc="opd", disable=not cfg.run.progress, dynamic_ncols=True)
+        def seed_of(step: int) -> int:
+            return cfg.train.seed * 1_000_003 + step
+
         def rollout(step: int):
             prompts = stream.next_batch(cfg.train.prompts_per_step)
-            return prompts, actors.generate(student_ids(prompts), seed=cfg.train.seed * 1_000_003 + step)
+            return prompts, actors.generate(student_ids(prompts), seed=seed_of(step))
 
         upcoming = None  # run.overlap: the next step's rollout, sampled while the learner trains
         for step in bar:
@@ -95,25 +98,37 @@ def run(cfg: Config) -> dict:
             # The engines hold version `version` (checked after the last sync): the samples are on-policy, or with
             # run.overlap one version behind (sampled during the previous step's training).
             prompts, batch = upcoming or rollout(step)
-            ray.wait([batch], fetch_local=False)  # timing only: the batch goes actor to actor, not via here
-            t1 = time.perf_counter()
-            scores = actors.score(batch, teacher_prompts=teacher_ids(prompts))
-            ray.wait(scores, fetch_local=False)
-            t2 = time.perf_counter()
-            result = actors.train_step(batch, scores)
-            upcoming = rollout(step + 1) if cfg.run.overlap and step < cfg.train.steps else None
-            metrics = ray.get(result)
-            t3 = time.perf_counter()
-            if upcoming is not None:  # the next samples must be finished before the sync rewrites the weights
-                ray.wait([upcoming[1]], fetch_local=False)
-            t4 = time.perf_counter()
-            version = actors.sync()
-            t5 = time.perf_counter()
+            metrics, retries = None, 0
+            while True:
+                try:
+                    if metrics is None:  # not trained yet: (re)score and train; a retry resamples first
+                        ray.wait([batch], fetch_local=False)  # timing only: the batch goes actor to actor
+                        t1 = time.perf_counter()
+                        scores = actors.score(batch, teacher_prompts=teacher_ids(prompts))
+                        ray.wait(scores, fetch_local=False)
+                        t2 = time.perf_counter()
+                        result = actors.train_step(batch, scores)
+                        upcoming = rollout(step + 1) if cfg.run.overlap and step < cfg.train.steps else None
+                        metrics = ray.get(result)
+                        t3 = time.perf_counter()
+                        if upcoming is not None:  # the next samples must be done before the sync rewrites weights
+                            ray.wait([upcoming[1]], fetch_local=False)
+                    t4 = time.perf_counter()
+                    version = actors.sync()
+                    t5 = time.perf_counter()
+                    break
+                except ray.exceptions.RayActorError as e:  # a rollout or teacher process died: restart, retry
+                    retries += 1
+                    bar.write(f"step {step}: {type(e).__name__}; restarting the actor and retrying the step")
+                    actors.recover(step, e, run_dir)  # stops the run if the learner died
+                    if metrics is None:  # the same prompts and seed, sampled again by the current weights
+                        batch, upcoming = actors.generate(student_ids(prompts), seed=seed_of(step)), None
             if version != metrics["policy/version"]:
                 raise RuntimeError(f"engine holds weights v{version}, learner is at v{metrics['policy/version']}")
             metrics.update({"timing/rollout_s": t1 - t0, "timing/teacher_s": t2 - t1, "timing/train_s": t3 - t2,
                             "timing/overlap_wait_s": t4 - t3, "timing/sync_s": t5 - t4, "timing/step_s": t5 - t0,
-                            "throughput/tokens_per_s": metrics["response/tokens/sum"] / (t5 - t0)})
+                            "throughput/tokens_per_s": metrics["response/tokens/sum"] / (t5 - t0),
+                            "step/actor_restarts": float(retries)})
             log.log_step(step, metrics)
             skips.check(step, metrics)  # stops the run after train.max_consecutive_skips skipped steps in a row
             rkl = metrics.get("kl/reverse/mean", metrics.get("kl/reverse/sampled_mean"))

@@ -81,9 +81,10 @@ class LearnerActor:
 
     memory_stats, reset_peak_memory = memory_stats, reset_peak_memory  # the benchmark's peak memory
 
-    def export_weights(self) -> weights.WeightUpdate:
-        # cpu: the first update carries the buffer's handle, later ones only the version.
-        first = not self._exported
+    def export_weights(self, full: bool = False) -> weights.WeightUpdate:
+        """cpu / colocated: the first update (or a `full` one, for an engine that was restarted) carries the
+        buffer's handle, later ones only the version."""
+        first = full or not self._exported
         self._exported = True
         if self.serving is None:
             return weights.WeightUpdate(self.version, shared=self.shared if first else None)
@@ -104,6 +105,9 @@ class LearnerActor:
         handle = weights.ServingHandle(weights.share_handle(self.serving.flat), self.serving.layout,
                                        self.serving.dtype) if first else None
         return weights.WeightUpdate(self.version, serving=handle)
+
+    def weight_version(self) -> int:
+        return self.version
 
     def broadcast_weights(self) -> int:
         """split mode: send the serving buffer (refreshed by export_weights) to every engine, bucket by bucket."""

@@ -55,6 +55,9 @@ class TeacherActor:
 
     join_groups = join_groups  # split mode: rank 1 + replica of the hidden-states group
 
+    def alive(self) -> bool:
+        return True
+
     def send_pending(self) -> int:
         """split mode: send the hidden states scored since the last call; the learner receives them meanwhile."""
         return self.outbox.send()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass, field
 
 import ray
@@ -20,8 +21,10 @@ from cluster.transport import HIDDEN_GROUP
 from cluster.weights import WEIGHTS_GROUP
 from opd.batch import RolloutBatch
 from opd.config import PROJECT_ROOT, Config, ConfigError
+from opd.metrics import RunStopped
 
 PLACEMENT_TIMEOUT_S = 120
+RECOVER_TIMEOUT_S = 300  # a restarted actor reloads its model
 
 
 def connect(cfg: Config) -> bool:
@@ -145,6 +148,31 @@ class Actors:
             raise RuntimeError(f"after a sync the engines and learner hold weight versions {versions}")
         return versions[0]
 
+    def recover(self, step: int, error: Exception, run_dir) -> None:
+        """After an actor died mid-step: wait for Ray to restart the rollout and teacher actors that died, give
+        each restarted engine the learner's current weights, and return so the step can be retried. A dead
+        learner (its optimizer state is gone) or a split-mode group member stops the run."""
+        self._sends = []
+        resume = f"continue from the last checkpoint with: python driver.py --resume {run_dir}"
+        try:
+            ray.get(self.learner.weight_version.remote(), timeout=RECOVER_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            raise RunStopped(f"step {step}: the learner actor died ({type(error).__name__}); {resume}") from None
+        if self.cfg.run.mode == "split" or not self.cfg.run.max_actor_restarts:
+            why = ("split mode does not re-form its collective groups" if self.cfg.run.mode == "split"
+                   else "run.max_actor_restarts=0")
+            raise RunStopped(f"step {step}: an actor died ({type(error).__name__}) and {why}; {resume}") from None
+        try:  # an actor out of restarts raises here
+            versions = _when_back([r.weight_version for r in self.rollouts])
+            _when_back([t.alive for t in self.teachers])
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            raise RunStopped(f"step {step}: a rollout or teacher actor did not come back ({type(e).__name__}, "
+                             f"run.max_actor_restarts={self.cfg.run.max_actor_restarts}); {resume}") from None
+        stale = [r for r, v in zip(self.rollouts, versions, strict=True) if v < 0]  # restarted: no weights yet
+        if stale:
+            update = self.learner.export_weights.remote(full=True)
+            ray.get([r.load_weights.remote(update) for r in stale])
+
     def shutdown(self) -> None:
         """Release the learner's shared buffer, then stop the actors this run started (by handle)."""
         try:
@@ -154,6 +182,18 @@ class Actors:
         for handle in (*self.rollouts, *self.teachers, self.learner):
             ray.kill(handle)
         remove_placement_group(self.group)
+
+
+def _when_back(methods: list) -> list:
+    """Call each actor method until its actor answers: a restarting actor raises ActorUnavailableError."""
+    deadline = time.monotonic() + RECOVER_TIMEOUT_S
+    while True:
+        try:
+            return ray.get([m.remote() for m in methods], timeout=RECOVER_TIMEOUT_S)
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def launch(cfg: Config) -> Actors:
@@ -174,7 +214,9 @@ def launch(cfg: Config) -> Actors:
     def place(cls, role: str, i: int = 0, *args):
         where = plan.actors[role][i]
         strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=where.bundle)
-        return ray.remote(cls).options(num_cpus=where.num_cpus, num_gpus=where.num_gpus,
+        # rollout and teacher hold no state a restart loses (the weights come back from the learner)
+        restarts = r.max_actor_restarts if role != "learner" and r.mode != "split" else 0
+        return ray.remote(cls).options(num_cpus=where.num_cpus, num_gpus=where.num_gpus, max_restarts=restarts,
                                        scheduling_strategy=strategy).remote(cfg, *args)
 
     actors = Actors(cfg, rollouts=[place(RolloutActor, "rollout", i, i) for i in range(r.rollout_replicas)],

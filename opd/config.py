@@ -163,8 +163,12 @@ class RunConfig:
     teacher_replicas: int = 1  # teacher actors; the step's samples are split between them
     # split mode: sample step k+1 while the learner trains step k (one step off-policy, `sync/policy_lag`)
     overlap: bool = False
+    # cpu / colocated: a rollout or teacher actor that dies is restarted (Ray max_restarts) up to this many times
+    # and the step retried; 0 turns it off
+    max_actor_restarts: int = 3
 
     def __post_init__(self):
+        _require(self.max_actor_restarts >= 0, f"run.max_actor_restarts={self.max_actor_restarts} must be >= 0")
         _require(self.rollout_replicas > 0, f"run.rollout_replicas={self.rollout_replicas} must be > 0")
         _require(self.teacher_replicas > 0, f"run.teacher_replicas={self.teacher_replicas} must be > 0")
         _require(not self.overlap or self.mode == "split",
