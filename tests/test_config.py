@@ -50,7 +50,8 @@ def test_unknown_preset():
     (["--set", "model.student=/no/such/model"], "model.student=/no/such/model: no Hugging Face model folder"),
     (["--mode", "split"], "run.mode=split needs 2 GPU(s)"),
     (["--mode", "colocated"], "run.mode=colocated needs 1 GPU(s)"),
-    (["--mode", "split", "--set", "run.device=cpu"], "run.mode=split has no CPU plumbing run yet"),
+    (["--mode", "colocated", "--set", "run.overlap=true"], "run.overlap=true needs run.mode=split"),
+    (["--mode", "split", "--set", "run.rollout_replicas=0"], "run.rollout_replicas=0 must be > 0"),
     (["--set", "run.device=tpu"], "run.device='tpu' is unknown"),
 ])
 def test_driver_refuses_bad_config_before_ray(root, tmp_path, args, needle):
