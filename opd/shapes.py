@@ -46,6 +46,14 @@ def synthetic_tokenizer(size: int):
                                    padding_side="left", model_max_length=1 << 20)
 
 
+def save_synthetic_tokenizer(out_dir: Path, size: int) -> None:
+    synthetic_tokenizer(size).save_pretrained(str(out_dir))
+    # transformers 5 records "TokenizersBackend", which transformers 4 cannot resolve (as opd/toy.py does)
+    tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
 def write_model_folder(out_dir: Path, config: dict, tokenizer_size: int, *, num_layers: int = 0,
                        vocab_size: int = 0) -> Path:
     """A model folder with `config` (its first `num_layers` layers, `vocab_size` output rows when given), the
@@ -60,11 +68,7 @@ def write_model_folder(out_dir: Path, config: dict, tokenizer_size: int, *, num_
     config.update(bos_token_id=None, eos_token_id=1, pad_token_id=0)  # the synthetic tokenizer's ids
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    synthetic_tokenizer(tokenizer_size).save_pretrained(str(out_dir))
-    # transformers 5 records "TokenizersBackend", which transformers 4 cannot resolve (as opd/toy.py does)
-    tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
-    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    save_synthetic_tokenizer(out_dir, tokenizer_size)
     (out_dir / RANDOM_WEIGHTS).write_text(json.dumps({"tokenizer_size": tokenizer_size}) + "\n")
     return out_dir
 

@@ -113,3 +113,14 @@ def test_ignore_eos_gives_fixed_length_responses(root, sampler):
         logits[:, tok.eos_token_id] = float("-inf")
         want = torch.log_softmax(logits, -1).gather(1, torch.tensor(response)[:, None]).squeeze(1)
         assert torch.allclose(lp, want, atol=1e-4)
+
+
+def test_h20_cluster_yaml_is_a_valid_ray_cluster_config(root):
+    """cluster/h20x2.yaml passes Ray's own cluster-config schema and starts Ray with both GPUs."""
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((root / "cluster" / "h20x2.yaml").read_text())
+    validate_config(prepare_config(config))  # raises on an unknown or mistyped field
+    assert config["provider"]["type"] == "local" and config["max_workers"] == 0
+    assert any("--head" in c and "--num-gpus=2" in c for c in config["head_start_ray_commands"])
