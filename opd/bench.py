@@ -287,11 +287,11 @@ def _record(cfg: Config, rows: list[dict], memory: dict, startup_s: float) -> di
 def format_table(record: dict) -> str:
     """The console table: one row per phase, then the step and the actors' peak memory."""
     gib = 1 << 30
-    lines = [f"benchmark: mode {record['mode']}, device {record['device']['name']}, "
-             f"{record['workload']['prompts_per_step']} prompts x {record['workload']['samples_per_prompt']} x "
-             f"{record['workload']['response_tokens']} tokens, {record['workload']['timed_steps']} timed steps",
-             f"{'phase':<26}{'time s':>9}{'tokens/s':>11}{'GFLOP':>10}{'GB':>9}{'bound s':>10}{'by':>9}"
-             f"{'of bound':>10}"]
+    w = record["workload"]
+    lines = [(f"benchmark: mode {record['mode']}, device {record['device']['name']}, {w['prompts_per_step']} prompts "
+              f"x {w['samples_per_prompt']} x {w['response_tokens']} tokens, {w['timed_steps']} timed steps"),
+             (f"{'phase':<26}{'time s':>9}{'tokens/s':>11}{'GFLOP':>10}{'GB':>9}{'bound s':>10}{'by':>9}"
+              f"{'of bound':>10}")]
     for name, p in record["phases"].items():
         roof = p["roofline"] or {}
         fraction = roof.get("fraction_of_bound")

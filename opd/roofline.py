@@ -34,7 +34,7 @@ class DecoderShape:
     tied: bool  # output head shares the embedding matrix
 
     @classmethod
-    def of(cls, config) -> "DecoderShape":
+    def of(cls, config) -> DecoderShape:
         """From a transformers PretrainedConfig or its config.json dict."""
         get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
         heads = get("num_attention_heads")

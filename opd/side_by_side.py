@@ -32,17 +32,18 @@ from opd.config import PROJECT_ROOT
 
 TRL_ENV = PROJECT_ROOT / ".venv-trl"
 TRL_PINS = ("torch==2.13.0", "trl==1.16.0")  # torch pinned: an unpinned one pulls a multi-GB CUDA build
-STUDENT = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-               intermediate_size=768, tie_word_embeddings=True)
-TEACHER = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
-               intermediate_size=1536, tie_word_embeddings=False)
+STUDENT = {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "head_dim": 64, "intermediate_size": 768, "tie_word_embeddings": True}
+TEACHER = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
+           "head_dim": 64, "intermediate_size": 1536, "tie_word_embeddings": False}
 
 
 def ensure_trl_env(env: Path = TRL_ENV) -> Path:
     """The python of `env`, with TRL_PINS installed (created on first use)."""
     python = env / "bin" / "python"
     probe = [str(python), "-c", "import trl, torch; print(trl.__version__, torch.__version__)"]
-    if python.exists() and subprocess.run(probe, capture_output=True, text=True).stdout.split()[:1] == ["1.16.0"]:
+    found = subprocess.run(probe, capture_output=True, text=True, check=False).stdout if python.exists() else ""
+    if found.split()[:1] == ["1.16.0"]:
         return python
     print(f"creating {env} ({' '.join(TRL_PINS)}), a few minutes the first time", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
@@ -130,10 +131,10 @@ def compare(opd: dict, trl: dict) -> dict:
 
 def format_comparison(result: dict) -> str:
     w = result["workload"]
-    lines = [f"side by side on {w['machine']}: student {STUDENT['num_hidden_layers']} x {STUDENT['hidden_size']}, "
-             f"teacher {TEACHER['num_hidden_layers']} x {TEACHER['hidden_size']}, vocabulary {w['vocab']}, "
-             f"{w['prompts']} prompts x {w['response_tokens']} response tokens, reverse KL, fp32, "
-             f"{w['threads']} thread(s), {w['steps']} timed steps",
+    lines = [(f"side by side on {w['machine']}: student {STUDENT['num_hidden_layers']} x {STUDENT['hidden_size']}, "
+              f"teacher {TEACHER['num_hidden_layers']} x {TEACHER['hidden_size']}, vocabulary {w['vocab']}, "
+              f"{w['prompts']} prompts x {w['response_tokens']} response tokens, reverse KL, fp32, "
+              f"{w['threads']} thread(s), {w['steps']} timed steps"),
              f"{'':34}{'opd':>12}{'TRL ' + result['trl_version']:>14}{'opd / TRL':>12}"]
     for key, label, scale, unit in (("step_s", "step time", 1, "s"), ("rollout_s", "  rollout (generation)", 1, "s"),
                                     ("score_train_sync_s", "  the rest of the step", 1, "s"),

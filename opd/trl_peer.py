@@ -27,7 +27,9 @@ sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
 
 def _rss(field: str) -> int:
     """VmRSS / VmHWM of this process in bytes (Linux)."""
-    for line in open("/proc/self/status"):
+    with open("/proc/self/status") as status:
+        lines = status.read().splitlines()
+    for line in lines:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field} not in /proc/self/status")
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.student, padding_side="left")
     student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32)
-    prompts = json.loads(open(args.prompts).read())
+    with open(args.prompts) as f:
+        prompts = json.load(f)
     total_steps = args.warmup_steps + args.steps
     dataset = Dataset.from_dict({"prompt": prompts})
 
