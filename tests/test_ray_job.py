@@ -59,7 +59,7 @@ def test_ray_job_submit_runs_the_default(root, tmp_path):
         log = job.stdout + job.stderr
         assert job.returncode == 0, log[-4000:]
         assert "succeeded" in log and f"run directory: {out_dir / 'job'}" in log, log[-4000:]
-        assert (out_dir / "job" / "checkpoint" / "config.json").is_file()
+        assert (out_dir / "job" / "checkpoints" / "step_2" / "config.json").is_file()  # the final checkpoint
         assert not (home / ".ray" / "auth_token").exists()
     finally:
         _stop_group(head)
