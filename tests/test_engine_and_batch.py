@@ -81,7 +81,9 @@ def test_decode_loop_matches_generate(root):
     truncated = engine.generate(prompts, num_samples=4, temperature=1.3, top_k=5, top_p=0.8, max_new_tokens=6,
                                 seed=4)
     _check_sampled_logprobs(engine, truncated, 1.3, top_k=5, top_p=0.8)
-    assert (truncated.logprobs > -torch.log(torch.tensor(5.0)) * 10).all()  # nothing outside the top 5 sampled
+    for prompt, response in zip(truncated.prompts(), truncated.responses(), strict=True):  # only top-5 tokens
+        logits = engine.model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1: -1]
+        assert all(t in row.topk(5).indices.tolist() for t, row in zip(response, logits, strict=True))
 
 
 def test_filter_probs_against_transformers_warpers():
