@@ -5,6 +5,7 @@ sampling), and the split mode's NCCL groups (2 GPUs and Ray). The CPU stand-ins 
 from __future__ import annotations
 
 import importlib.util
+import io
 
 import pytest
 import torch
@@ -16,10 +17,22 @@ from cluster.transport import Outbox
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 1 CUDA GPU")
 
 
+def _to_bytes(tensor: torch.Tensor) -> bytes:
+    """A host copy, serialised: plain bytes through the queue, so nothing depends on the child staying alive
+    (a CPU tensor put on a torch.multiprocessing queue would be another shared-memory mapping)."""
+    buf = io.BytesIO()
+    torch.save(tensor.detach().cpu().clone(), buf)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes) -> torch.Tensor:
+    return torch.load(io.BytesIO(data))
+
+
 def _consumer(handle: bytes, layout, queue, done) -> None:
-    """Another process: map the producer's buffer, report what it sees, write into it, wait."""
+    """Another process: map the producer's buffer, send back everything it sees, write into it, wait."""
     flat = weights.open_handle(handle)
-    queue.put((flat.device.type, float(flat.float().sum())))
+    queue.put((flat.device.type, _to_bytes(flat)))
     flat[: layout.numel // 2] = 2.0  # a write the producer must see: the same memory, not a copy
     torch.cuda.synchronize()
     queue.put("written")
@@ -33,20 +46,27 @@ def test_cuda_ipc_handle_maps_the_serving_buffer_in_another_process():
     torch.cuda.synchronize()
     ctx = mp.get_context("spawn")
     queue, done = ctx.Queue(), ctx.Event()
+    sent = buffer.flat.cpu()  # before the child starts: it writes into the buffer once it has sent it back
+    half = buffer.layout.numel // 2
     child = ctx.Process(target=_consumer, args=(weights.share_handle(buffer.flat), buffer.layout, queue, done))
     child.start()
     try:
-        device, total = queue.get(timeout=120)
-        assert device == "cuda" and total == pytest.approx(float(buffer.flat.float().sum()), rel=1e-3)
+        device, seen = queue.get(timeout=120)
+        seen = _from_bytes(seen)
+        assert device == "cuda"
+        assert seen.dtype == sent.dtype and seen.shape == sent.shape, (seen.dtype, seen.shape)
+        assert torch.equal(seen, sent), f"{int((seen != sent).sum())} of {sent.numel()} elements differ"
         assert queue.get(timeout=60) == "written"
-        assert bool((buffer.flat[: buffer.layout.numel // 2] == 2.0).all())
+        assert bool((buffer.flat[:half] == 2.0).all()), "the child's write is not in the producer's buffer"
+        assert torch.equal(buffer.flat[half:].cpu(), sent[half:]), "the child wrote outside its half"
     finally:
         done.set()
         child.join(timeout=60)
 
 
 def _hidden_consumer(remote, queue) -> None:
-    queue.put(float(remote.fetch("cuda").sum()))
+    fetched = remote.fetch("cuda")
+    queue.put((fetched.device.type, _to_bytes(fetched)))
 
 
 def test_teacher_hidden_states_by_ipc_handle():
@@ -59,7 +79,11 @@ def test_teacher_hidden_states_by_ipc_handle():
     child = ctx.Process(target=_hidden_consumer, args=(remote, queue))
     child.start()
     try:
-        assert queue.get(timeout=120) == pytest.approx(float(hidden.sum()), rel=1e-5)
+        device, fetched = queue.get(timeout=120)
+        fetched, want = _from_bytes(fetched), hidden.cpu()
+        assert device == "cuda"
+        assert fetched.dtype == want.dtype and fetched.shape == want.shape, (fetched.dtype, fetched.shape)
+        assert torch.equal(fetched, want), f"{int((fetched != want).sum())} of {want.numel()} elements differ"
     finally:
         child.join(timeout=60)
 
