@@ -16,8 +16,30 @@ from opd.bench import load_schema
 from opd.config import preset
 
 
+def _flops_counted(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _square_minus_causal(shape: roofline.DecoderShape, batch: int, seq_len: int) -> int:
+    """Eager attention computes every score of the square; the roofline counts the causal half it needs."""
+    return 4 * shape.layers * shape.heads * shape.head_dim * batch * (seq_len ** 2 - seq_len * (seq_len + 1) // 2)
+
+
 @pytest.mark.slow
-def test_cpu_bench_writes_json_that_matches_the_schema(tmp_path):
+def test_cpu_bench_writes_json_that_matches_the_schema(root, tmp_path, monkeypatch, capsys):
+    from opd import bench
+
+    real_memory = bench._memory
+
+    def memory(actors, method):  # mark, in the console's order, when the actors' peak memory is reset and read
+        print(f"memory: {method}", flush=True)
+        return real_memory(actors, method)
+
+    monkeypatch.setattr(bench, "_memory", memory)
     prompts, response_tokens = 4, 12
     rc = driver.main(["--bench", "--set", f"run.out_dir={tmp_path}", "--set", "run.name=b", "--set", "run.progress=false",
                       "--set", f"train.prompts_per_step={prompts}", "--set", f"rollout.max_new_tokens={response_tokens}",
@@ -46,16 +68,35 @@ def test_cpu_bench_writes_json_that_matches_the_schema(tmp_path):
     for s in record["steps"]:  # the learner's own split fits inside its wall time on the driver's clock
         assert s["learner_forward_backward"] + s["optimizer"] <= s["learner_wall"]
         assert s["rollout"] + s["teacher"] + s["learner_wall"] + s["weight_sync"] <= s["total"] + 1e-6
-    # the roofline's FLOPs are those of the workload and shapes recorded beside them
-    student = roofline.DecoderShape(**{k: v for k, v in record["models"]["student"].items()
-                                       if k not in ("source", "params")})
-    w = roofline.Workload(prompts * 2, 5, response_tokens)
-    assert record["phases"]["rollout"]["roofline"]["flops"] == roofline.rollout_cost(student, w, 4, "float32").flops
+    # the roofline's FLOPs against torch's FlopCounterMode running the bench's own models on its workload:
+    # generation (prompts x samples rows, 5 prompt tokens, 12 new ones) and the teacher's forward
+    from transformers import AutoModelForCausalLM
+
+    rows, prompt_len = prompts * 2, 5
+    ids = torch.randint(3, 16, (rows, prompt_len), generator=torch.Generator().manual_seed(0))
+    models = {side: AutoModelForCausalLM.from_pretrained(root / "assets/toy" / side, attn_implementation="eager").eval()
+              for side in ("student", "teacher")}
+    shapes_ = {side: roofline.DecoderShape.of(m.config) for side, m in models.items()}
+    with torch.no_grad():
+        counted = _flops_counted(lambda: models["student"].generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=response_tokens,
+            min_new_tokens=response_tokens, pad_token_id=0, eos_token_id=15))
+        full = torch.randint(3, 16, (rows, prompt_len + response_tokens))
+        counted_teacher = _flops_counted(lambda: models["teacher"].get_decoder()(input_ids=full))
+    assert record["phases"]["rollout"]["roofline"]["flops"] == pytest.approx(
+        counted - _square_minus_causal(shapes_["student"], rows, prompt_len), rel=1e-9)
+    assert record["phases"]["teacher"]["roofline"]["flops"] == pytest.approx(
+        counted_teacher - _square_minus_causal(shapes_["teacher"], rows, prompt_len + response_tokens), rel=1e-9)
     assert record["phases"]["weight_sync"]["roofline"]["bytes"] == 0  # cpu mode: the engine maps the learner's buffer
     assert record["device"]["name"] == "cpu" and record["device"]["peak"]["source"] == "measured"
     assert record["versions"]["torch"] == torch.__version__
     for entries in record["memory"].values():
         assert entries[0]["peak_rss_bytes"] >= entries[0]["rss_at_start_bytes"] > 0
+    # peak memory covers the timed steps only: reset after the warm-up step, read after the last step
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("bench step", "memory:"))]
+    assert [line.split(":")[0] if line.startswith("bench") else line for line in lines] == [
+        "bench step 1/3 (warm-up)", "memory: reset_peak_memory", "memory: memory_stats", "bench step 2/3",
+        "bench step 3/3", "memory: memory_stats"]
     assert (tmp_path / "b" / "config.json").is_file()
 
 
@@ -124,3 +165,21 @@ def test_h20_cluster_yaml_is_a_valid_ray_cluster_config(root):
     validate_config(prepare_config(config))  # raises on an unknown or mistyped field
     assert config["provider"]["type"] == "local" and config["max_workers"] == 0
     assert any("--head" in c and "--num-gpus=2" in c for c in config["head_start_ray_commands"])
+
+
+def test_reset_peak_memory_starts_a_new_peak():
+    """The actors' peak-memory methods (actors/common.py), in this process: a 256 MiB block touched and freed
+    raises the peak; after a reset the peak is back near the current resident memory."""
+    from actors.common import memory_stats, reset_peak_memory
+
+    block = 256 * 2**20
+    reset_peak_memory(None)
+    start = memory_stats(None)
+    x = torch.ones(block // 4)  # every page written: resident
+    del x
+    high = memory_stats(None)
+    assert high["peak_rss_bytes"] >= start["rss_bytes"] + 0.9 * block
+    reset_peak_memory(None)
+    after = memory_stats(None)
+    assert after["peak_rss_bytes"] < high["peak_rss_bytes"] - 0.5 * block
+    assert after["peak_rss_bytes"] >= after["rss_bytes"] > 0

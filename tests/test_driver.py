@@ -37,6 +37,8 @@ def test_teacher_equal_to_student_is_a_zero_kl_run(root, tmp_path):
     assert STEP_KEYS <= set(steps[0])
     assert abs(steps[0]["kl/reverse/mean"]) < 1e-6 and abs(steps[0]["kl/forward/mean"]) < 1e-6
     assert abs(evals[0]["eval/kl/reverse/mean"]) < 1e-6
+    # the same model answers both evaluations: equal greedy accuracies, and not zero (the student gets ~19 %)
+    assert evals[0]["eval/accuracy/student"] == evals[0]["eval/accuracy/teacher"] > 0
     assert all(r["logprob/learner_minus_rollout/absmax"] < 1e-4 for r in steps)
     # what a run leaves behind
     config = json.loads((run_dir / "config.json").read_text())

@@ -3,6 +3,7 @@ installed) and through the rules (forced)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import pytest
@@ -134,10 +135,14 @@ def test_default_uses_math_verify_when_available(monkeypatch):
     assert is_correct("\\boxed{19}", "19")  # ... so the rules decide
 
 
-@pytest.mark.skipif(HAS_MATH_VERIFY, reason="math-verify is installed")
-def test_requiring_math_verify_without_it_says_how_to_install():
+def test_requiring_math_verify_without_it_says_how_to_install(monkeypatch):
+    # math-verify absent, simulated whether or not it is installed: its import fails as for a missing package
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    monkeypatch.setattr(verify, "MATH_VERIFY_AVAILABLE", False)
     with pytest.raises(ValueError, match="pip install math-verify"):
         is_correct("\\boxed{1}", "1", use_math_verify=True)
+    # the default then checks with the rules, and says nothing
+    assert is_correct("\\boxed{19}", "19") and not is_correct("\\boxed{18}", "19")
 
 
 @pytest.mark.skipif(not HAS_MATH_VERIFY, reason="math-verify is not installed")
