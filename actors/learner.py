@@ -18,7 +18,7 @@ from actors.common import memory_stats, reset_peak_memory
 from cluster import transport, weights
 from kernels.chunked import chunked_divergence, chunked_sampled_rkl, chunked_token_logprobs
 from opd import checkpoint
-from opd.batch import OutputHead, RolloutBatch, TeacherScores
+from opd.batch import OutputHead, PackedRows, RolloutBatch, TeacherScores, padding_waste
 from opd.config import Config
 from opd.models import DTYPES
 
@@ -31,6 +31,11 @@ class LearnerActor:
         self.eos_id, self.pad_id, self.vocab_size = special_ids(cfg.model.student)
         self.device = actor_device(cfg)
         self.model = load(cfg, "student", dtype="float32").to(self.device).train()  # fp32 master weights
+        if cfg.learner.gradient_checkpointing:  # each layer's activations recomputed in backward
+            if hasattr(self.model, "activation_checkpointing_enable"):  # the name in recent transformers 5.x
+                self.model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # cpu: the engine maps the fp32 master weights themselves. colocated: it maps a flat copy in the serving
         # dtype that every sync refreshes in place (fp32 master weights stay the learner's own).
         self.shared = self.serving = None
@@ -121,29 +126,40 @@ class LearnerActor:
                                  token_logprobs=transport.fetch(p.token_logprobs, self.device)) for p in parts]
         return TeacherScores.concat(fetched).check(batch)
 
-    def _student_hidden(self, batch: RolloutBatch) -> torch.Tensor:
-        input_ids, attention_mask, positions = (t.to(self.device) for t in batch.padded(self.pad_id))
-        hidden_BTd = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return hidden_BTd.reshape(-1, hidden_BTd.shape[-1])[positions]  # [num_response_tokens, d_s]
+    def _student_hidden(self, packed: PackedRows) -> torch.Tensor:
+        """Final hidden states `[n, d_s]` at the positions predicting the micro-batch's response tokens: one packed
+        row, position ids restarting per sequence, no attention mask and no KV cache (transformers keeps each
+        sequence's attention to itself only when both are absent)."""
+        hidden_1Td = self.model.get_decoder()(input_ids=packed.input_ids.to(self.device),
+                                              position_ids=packed.position_ids.to(self.device),
+                                              use_cache=False).last_hidden_state
+        return hidden_1Td[0, packed.positions.to(self.device)]
 
-    def _divergence(self, h_s: torch.Tensor, scores: TeacherScores):
+    def _micro_batch_loss(self, packed: PackedRows, batch: RolloutBatch, scores: TeacherScores, num_tokens: int):
+        """This micro-batch's share of the step's loss (normalised by all `num_tokens` response tokens of the
+        step, so the shares add up to the whole batch's loss) and its detached stats."""
         lc = self.cfg.loss
-        n = h_s.shape[0]
-        return chunked_divergence(
-            h_s, self.model.get_output_embeddings().weight, scores.hidden_states, self.teacher_head.weight,
-            torch.ones(n, device=self.device), kind=lc.kind, beta=lc.beta, temperature=lc.temperature, valid_vocab=self.vocab_size,
-            num_tokens=n, chunk_size=lc.chunk_size)
-
-    def _sampled_rkl(self, h_s: torch.Tensor, batch: RolloutBatch, scores: TeacherScores):
-        lc = self.cfg.loss
-        n = h_s.shape[0]
-        return chunked_sampled_rkl(
-            h_s, self.model.get_output_embeddings().weight, batch.response_ids.to(self.device), scores.token_logprobs,
-            batch.logprobs.to(self.device), torch.ones(n, device=self.device), num_tokens=n, temperature=lc.temperature, clip_ratio=lc.clip_ratio,
-            valid_vocab=self.vocab_size, chunk_size=lc.chunk_size)
+        h_s = self._student_hidden(packed)
+        index = packed.token_index.to(self.device)
+        w_s, ones = self.model.get_output_embeddings().weight, torch.ones(h_s.shape[0], device=self.device)
+        if lc.kind == "sampled_rkl":
+            loss, stats = chunked_sampled_rkl(
+                h_s, w_s, batch.response_ids.to(self.device)[index], scores.token_logprobs[index],
+                batch.logprobs.to(self.device)[index], ones, num_tokens=num_tokens, temperature=lc.temperature,
+                clip_ratio=lc.clip_ratio, valid_vocab=self.vocab_size, chunk_size=lc.chunk_size)
+            return h_s, loss, stats
+        # the teacher's states arrive in its serving dtype; the kernel widens them one chunk at a time
+        loss, stats = chunked_divergence(
+            h_s, w_s, scores.hidden_states[index], self.teacher_head.weight, ones, kind=lc.kind, beta=lc.beta,
+            temperature=lc.temperature, valid_vocab=self.vocab_size, num_tokens=num_tokens, chunk_size=lc.chunk_size)
+        return h_s, loss, stats
 
     def train_step(self, batch: RolloutBatch, *scores: TeacherScores) -> dict[str, float]:
-        """One optimizer step on `batch`; `scores`: one TeacherScores per teacher replica, for consecutive shards."""
+        """One optimizer step on `batch`; `scores`: one TeacherScores per teacher replica, for consecutive shards.
+
+        The batch goes through the student in micro-batches of at most `learner.micro_batch_tokens` packed
+        tokens; each one's backward adds its share to the gradients, so the step's loss and gradient are those
+        of the whole batch while memory follows the budget."""
         assert self.teacher_head is not None, "set_teacher_head before train_step"
         start = time.perf_counter()
         batch.check()
@@ -154,29 +170,40 @@ class LearnerActor:
         if not 0 <= lag <= int(self.cfg.run.overlap):
             raise RuntimeError(f"batch sampled by policy {batch.policy_version}, learner is at {self.version}")
         n = batch.num_response_tokens
-        h_s = self._student_hidden(batch)
         r = self.cfg.rollout
+        sampled = self.cfg.loss.kind == "sampled_rkl"
         # The sampler's log-probs are comparable with the learner's only without top-k / top-p truncation.
         comparable = r.top_p == 1.0 and r.top_k == 0
-        if self.cfg.loss.kind == "sampled_rkl":
-            loss, stats = self._sampled_rkl(h_s, batch, scores)
+        self.optimizer.zero_grad(set_to_none=True)
+        packs = batch.micro_batches(self.cfg.learner.micro_batch_tokens)
+        loss = torch.zeros((), device=self.device)
+        stats = torch.zeros(4 if sampled else 3, device=self.device)  # sums (and, sampled_rkl, one max: [3])
+        gap = torch.zeros((), device=self.device)
+        for packed in packs:
+            h_s, part, part_stats = self._micro_batch_loss(packed, batch, scores, n)
+            if comparable and not sampled:
+                # Canary, taken before the step changes the weights: the learner's log-prob of each sampled
+                # token must match what the sampler reported.
+                index = packed.token_index.to(self.device)
+                learner_logprobs = chunked_token_logprobs(h_s.detach(), self.model.get_output_embeddings().weight,
+                                                          batch.response_ids.to(self.device)[index],
+                                                          temperature=r.temperature, valid_vocab=self.vocab_size)
+                gap = torch.maximum(gap, (learner_logprobs - batch.logprobs.to(self.device)[index]).abs().max())
+            part.backward()  # this micro-batch's activations are freed here; its gradient share stays
+            loss += part.detach()
+            if sampled:
+                stats[:3] += part_stats[:3]
+                stats[3] = torch.maximum(stats[3], part_stats[3])
+            else:
+                stats += part_stats
+        if sampled:
             loss_metrics = {"kl/reverse/sampled_mean": -float(stats[0]) / n, "is_ratio/mean": float(stats[1]) / n,
                             "is_ratio/clipped_fraction": float(stats[2]) / n}
             gap = float(stats[3]) if comparable else float("nan")
         else:
-            loss, stats = self._divergence(h_s, scores)
             loss_metrics = {"kl/forward/mean": float(stats[0]) / n, "kl/reverse/mean": float(stats[1]) / n,
                             "entropy/student/mean": float(stats[2]) / n}
-            # Canary, taken before the step changes the weights: the learner's log-prob of each sampled token
-            # must match what the sampler reported.
-            gap = float("nan")
-            if comparable:
-                learner_logprobs = chunked_token_logprobs(h_s.detach(), self.model.get_output_embeddings().weight,
-                                                          batch.response_ids.to(self.device),
-                                                          temperature=r.temperature, valid_vocab=self.vocab_size)
-                gap = float((learner_logprobs - batch.logprobs.to(self.device)).abs().max())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            gap = float(gap) if comparable else float("nan")
         if loss.is_cuda:
             torch.cuda.synchronize()  # timing: the backward kernels have run
         backward_done = time.perf_counter()
@@ -191,7 +218,7 @@ class LearnerActor:
         optimizer_done = time.perf_counter()  # clipping and the step
         lens = batch.response_lens.float()
         return {
-            "loss": float(loss.detach()),
+            "loss": float(loss),
             **loss_metrics,
             "grad/norm": float(grad_norm),
             "step/skipped": float(not finite),
@@ -201,6 +228,8 @@ class LearnerActor:
             "response/stop/fraction": sum(f == "stop" for f in batch.finish_reasons) / batch.num_samples,
             "response/tokens/sum": float(n),
             "logprob/learner_minus_rollout/absmax": gap,
+            "learner/micro_batches": float(len(packs)),
+            "padding/waste_fraction": padding_waste(packs, self.cfg.learner.micro_batch_tokens),
             "timing/learner_s": time.perf_counter() - start,
             "timing/learner_forward_backward_s": backward_done - start,
             "timing/optimizer_s": optimizer_done - backward_done,
@@ -210,13 +239,24 @@ class LearnerActor:
 
     @torch.no_grad()
     def evaluate(self, batch: RolloutBatch, *scores: TeacherScores) -> dict[str, float]:
-        """Exact full-vocabulary KL between student and teacher on `batch` (no update)."""
+        """Exact full-vocabulary KL between student and teacher on `batch` (no update), micro-batch by
+        micro-batch as in a step."""
         scores = self._scores(batch, scores)
         self.model.eval()
-        h_s = self._student_hidden(batch)
-        _, stats = self._divergence(h_s, scores)
-        self.model.train()
         n = batch.num_response_tokens
+        stats = torch.zeros(3, device=self.device)
+        try:
+            for packed in batch.micro_batches(self.cfg.learner.micro_batch_tokens):
+                h_s = self._student_hidden(packed)
+                index = packed.token_index.to(self.device)
+                _, part = chunked_divergence(
+                    h_s, self.model.get_output_embeddings().weight, scores.hidden_states[index],
+                    self.teacher_head.weight, torch.ones(h_s.shape[0], device=self.device), kind=self.cfg.loss.kind,
+                    beta=self.cfg.loss.beta, temperature=self.cfg.loss.temperature, valid_vocab=self.vocab_size,
+                    num_tokens=n, chunk_size=self.cfg.loss.chunk_size)
+                stats += part
+        finally:
+            self.model.train()
         return {"kl/forward/mean": float(stats[0]) / n, "kl/reverse/mean": float(stats[1]) / n,
                 "entropy/student/mean": float(stats[2]) / n,
                 "response/length/mean": float(batch.response_lens.float().mean())}

@@ -24,7 +24,9 @@ class TeacherActor:
         self.model = load(cfg, "teacher").to(self.device).eval().requires_grad_(False)
         # hidden states leave through the object store (cpu), an IPC handle (colocated) or a send (split)
         self.outbox = Outbox(hidden_transport(cfg), rank=1 + replica)
-        self.engine = HFEngine(self.model, eos_id=self.eos_id, pad_id=self.pad_id)  # for evaluation only
+        # for evaluation only (greedy answers); on a GPU the decode loop, which keeps no per-step [B, V] scores
+        self.engine = HFEngine(self.model, eos_id=self.eos_id, pad_id=self.pad_id,
+                               sampler="torch" if self.device.type == "cuda" else None)
 
     memory_stats, reset_peak_memory = memory_stats, reset_peak_memory  # the benchmark's peak memory
 
@@ -42,11 +44,17 @@ class TeacherActor:
         batch was sampled from); the response ids are scored unchanged after it."""
         batch.check()
         prompts = None if teacher_prompts is None else [teacher_prompts[i] for i in batch.prompt_index.tolist()]
-        input_ids, attention_mask, positions = (t.to(self.device) for t in batch.padded(self.pad_id, prompts=prompts))
-        # The decoder alone: its last hidden state is already final-normed, and no [B, T, V] logits are made.
-        hidden_BTd = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        hidden = hidden_BTd.reshape(-1, hidden_BTd.shape[-1])[positions].float()
+        decoder = self.model.get_decoder()  # its last hidden state is already final-normed: no [T, V] logits made
+        hidden = torch.empty(batch.num_response_tokens, self.model.config.get_text_config().hidden_size,
+                             dtype=self.model.dtype, device=self.device)  # [num_response_tokens, d_t], model dtype
+        # One packed row of at most teacher.micro_batch_tokens tokens at a time, no KV cache: memory follows the
+        # budget; only the response positions' states are kept.
+        for packed in batch.micro_batches(self.cfg.teacher.micro_batch_tokens, prompts=prompts):
+            hidden_1Td = decoder(input_ids=packed.input_ids.to(self.device),
+                                 position_ids=packed.position_ids.to(self.device), use_cache=False).last_hidden_state
+            hidden[packed.token_index.to(self.device)] = hidden_1Td[0, packed.positions.to(self.device)]
         if hidden_states if hidden_states is not None else self.cfg.loss.kind != "sampled_rkl":
+            # sent in the model's dtype; the learner's loss widens it to fp32 one chunk at a time
             return TeacherScores(policy_version=batch.policy_version, hidden_states=self.outbox.export(hidden)).check(batch)
         logprobs = chunked_token_logprobs(hidden, self.model.get_output_embeddings().weight,
                                           batch.response_ids.to(self.device), temperature=self.cfg.loss.temperature,

@@ -100,6 +100,84 @@ class RolloutBatch:
         return input_ids, attention_mask, torch.cat(positions)
 
 
+    def micro_batches(self, max_tokens: int, prompts: list[list[int]] | None = None) -> list["PackedRows"]:
+        """The batch's sequences (prompt + response) packed into micro-batches of at most `max_tokens` tokens
+        each (0: the whole batch in one), one row per micro-batch with the position ids restarting at 0 for each
+        sequence and no padding (`pack_sequences` says how they are grouped). A sequence longer than the budget
+        gets a micro-batch of its own. `prompts` replaces each sample's prompt as in `padded`.
+
+        Memory and time of a forward over one micro-batch grow with `max_tokens`, not with the batch."""
+        prompts = self.prompts() if prompts is None else prompts
+        responses = self.responses()
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+        token_starts = torch.cumsum(self.response_lens, 0) - self.response_lens  # [num_samples]
+        packs = []
+        for samples in pack_sequences(lengths, max_tokens):
+            ids, pos, where, token_index, offset = [], [], [], [], 0
+            for i in samples:
+                p, r = prompts[i], responses[i]
+                ids += p + r
+                pos.append(torch.arange(len(p) + len(r)))
+                where.append(offset + torch.arange(len(p) - 1, len(p) + len(r) - 1))
+                token_index.append(int(token_starts[i]) + torch.arange(len(r)))
+                offset += len(p) + len(r)
+            packs.append(PackedRows(input_ids=torch.tensor([ids], dtype=torch.int64),
+                                    position_ids=torch.cat(pos)[None], positions=torch.cat(where),
+                                    token_index=torch.cat(token_index), samples=tuple(samples)))
+        return packs
+
+
+def pack_sequences(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Group sequences (by index) into bins of at most `max_tokens` tokens (0: one bin), balanced by tokens.
+
+    Longest first, each into the least-filled bin it fits in, starting from the fewest bins the total allows
+    (ceil(total / max_tokens)) and opening another only when none fits: the bins' token counts come out nearly
+    equal instead of full bins and a small remainder. A sequence longer than `max_tokens` takes a bin of its own.
+    Deterministic; the samples in a bin keep the batch's order."""
+    if not lengths:
+        return []
+    if max_tokens <= 0:
+        return [list(range(len(lengths)))]
+    bins: list[list[int]] = [[] for _ in range(max(1, -(-sum(lengths) // max_tokens)))]
+    loads = [0] * len(bins)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fits = [b for b in range(len(bins)) if loads[b] + lengths[i] <= max_tokens or not bins[b]]
+        if fits:
+            b = min(fits, key=lambda b: (loads[b], b))
+        else:
+            bins.append([])
+            loads.append(0)
+            b = len(bins) - 1
+        bins[b].append(i)
+        loads[b] += lengths[i]
+    return [sorted(b) for b in bins if b]
+
+
+def padding_waste(packs: list["PackedRows"], max_tokens: int) -> float:
+    """The fraction of the micro-batches' token budget left empty (what padding every row to the budget would
+    have cost); 0 for one micro-batch of the whole batch (max_tokens 0)."""
+    if max_tokens <= 0 or not packs:
+        return 0.0
+    capacity = sum(max(max_tokens, p.num_tokens) for p in packs)
+    return 1.0 - sum(p.num_tokens for p in packs) / capacity
+
+
+@dataclass
+class PackedRows:
+    """One micro-batch: whole sequences of a RolloutBatch packed into one row, ready for a decoder forward with
+    `position_ids` and no attention mask (transformers then keeps each sequence's attention to itself)."""
+
+    input_ids: Tensor  # [1, num_tokens] int64
+    position_ids: Tensor  # [1, num_tokens] int64, 0, 1, ... restarting at each sequence
+    positions: Tensor  # [n] int64: the row positions whose hidden states predict this micro-batch's response tokens
+    token_index: Tensor  # [n] int64: those tokens' indices in the batch's `response_ids` order
+    samples: tuple[int, ...]  # the batch's samples in this micro-batch
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
 _TENSOR_FIELDS = ("prompt_ids", "prompt_lens", "response_ids", "response_lens", "logprobs", "prompt_index")
 
 
@@ -109,7 +187,8 @@ class TeacherScores:
     sampled token (sampled-token loss); the other field is None."""
 
     policy_version: int  # copied from the RolloutBatch it scores
-    # [num_response_tokens, d_teacher] fp32, final (normed) hidden states; in the GPU modes a
+    # [num_response_tokens, d_teacher] in the teacher's dtype (fp32 / bf16 / fp16), final (normed) hidden states;
+    # the learner's loss widens them to fp32 one chunk at a time. In the GPU modes a
     # cluster.transport.RemoteTensor (same shape and dtype) that the learner fetches
     hidden_states: Tensor | None = None
     token_logprobs: Tensor | None = None  # [num_response_tokens] fp32, log p_T(sampled token) at loss temperature
@@ -126,7 +205,7 @@ class TeacherScores:
         assert (self.hidden_states is None) != (self.token_logprobs is None), "exactly one of the two"
         if self.hidden_states is not None:
             assert len(self.hidden_states.shape) == 2 and self.hidden_states.shape[0] == batch.num_response_tokens
-            assert self.hidden_states.dtype == torch.float32
+            assert self.hidden_states.dtype in (torch.float32, torch.bfloat16, torch.float16)
         else:
             assert self.token_logprobs.shape == (batch.num_response_tokens,)
             assert self.token_logprobs.dtype == torch.float32

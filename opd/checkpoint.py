@@ -47,7 +47,9 @@ _PARTIAL = ".step_*.tmp-*"  # an interrupted write (or delete)
 # decaying LR schedule; `check_compatible` warns about that). Any other difference refuses the resume.
 RESUMABLE = frozenset({"train.steps", "train.eval_every", "train.save_every", "train.keep_checkpoints",
                        "train.max_consecutive_skips", "run.out_dir", "run.name", "run.resume", "run.ray_address",
-                       "run.cpus_per_actor", "run.threads_per_actor", "run.progress", "run.max_actor_restarts"})
+                       "run.cpus_per_actor", "run.threads_per_actor", "run.progress", "run.max_actor_restarts",
+                       # memory knobs: the same loss and gradient, summed in another order (not bit-exact)
+                       "learner.micro_batch_tokens", "learner.gradient_checkpointing", "teacher.micro_batch_tokens"})
 
 
 def step_dir(run_dir: Path, step: int) -> Path:

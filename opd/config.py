@@ -114,8 +114,15 @@ class LearnerConfig:
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 at train.steps, after warmup)
+    # Tokens (prompt + response) per micro-batch: the step's sequences are packed into rows of at most this many
+    # tokens and the gradients accumulated, so the step's memory follows this budget, not the batch; the loss
+    # and gradient are the whole batch's (normalised by all its response tokens). 0: the whole batch at once.
+    micro_batch_tokens: int = 0
+    gradient_checkpointing: bool = False  # recompute each decoder layer's activations in backward
 
     def __post_init__(self):
+        _require(self.micro_batch_tokens >= 0,
+                 f"learner.micro_batch_tokens={self.micro_batch_tokens} must be >= 0 (0 = the whole batch at once)")
         _require(self.lr > 0, f"learner.lr={self.lr} must be > 0")
         _require(self.weight_decay >= 0, f"learner.weight_decay={self.weight_decay} must be >= 0")
         _require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
@@ -124,6 +131,18 @@ class LearnerConfig:
         _require(self.warmup_steps >= 0, f"learner.warmup_steps={self.warmup_steps} must be >= 0")
         _require(self.lr_schedule in LR_SCHEDULES,
                  f"learner.lr_schedule={self.lr_schedule!r} is unknown: use one of {', '.join(LR_SCHEDULES)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherConfig:
+    # Tokens (prompt + response) per forward: the teacher scores the step's sequences packed into rows of at most
+    # this many tokens, one row at a time (it keeps no activations, so it can take more than the learner).
+    # 0: the whole batch at once.
+    micro_batch_tokens: int = 0
+
+    def __post_init__(self):
+        _require(self.micro_batch_tokens >= 0,
+                 f"teacher.micro_batch_tokens={self.micro_batch_tokens} must be >= 0 (0 = the whole batch at once)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,6 +230,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     run: RunConfig = field(default_factory=RunConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 
@@ -266,7 +286,11 @@ def _gpu_pair(student: str, teacher: str, **data) -> Config:
         train=TrainConfig(steps=200, prompts_per_step=128, seed=0, eval_every=20),
         rollout=RolloutConfig(num_samples=1, temperature=1.0, max_new_tokens=4096),
         loss=LossConfig(kind="rkl"),
-        learner=LearnerConfig(lr=1e-6, warmup_steps=10, max_grad_norm=1.0),
+        # memory by token budget: 16k-token micro-batches with checkpointed layers in the learner, 32k in the
+        # teacher (forward only); a longer sequence gets a micro-batch of its own
+        learner=LearnerConfig(lr=1e-6, warmup_steps=10, max_grad_norm=1.0, micro_batch_tokens=16384,
+                              gradient_checkpointing=True),
+        teacher=TeacherConfig(micro_batch_tokens=32768),
         run=RunConfig(mode="colocated"),
     )
 

@@ -129,8 +129,10 @@ class HFEngine:
         done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
         step_ids, step_pos, cache = input_ids, positions, None
         for _ in range(max_new_tokens):
+            # logits of the last position only: the prefill would otherwise make [B, prompt, V] logits it never
+            # samples from
             out = self.model(input_ids=step_ids, attention_mask=attention_mask, position_ids=step_pos,
-                             past_key_values=cache, use_cache=True)
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache = out.past_key_values
             logits = out.logits[:, -1].float()
             if ignore_eos:  # as generate's min_new_tokens: end-of-sequence cannot be sampled

@@ -1,0 +1,126 @@
+"""Token-budget micro-batches (issue 12): sequences packed into rows with position ids restarting per sequence,
+the learner accumulating gradients over them, the teacher scoring them one row at a time. The step's loss and
+gradients must be the whole batch's, computed here the old way (one padded forward, materialised logits)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from actors.engines.hf import HFEngine
+from actors.learner import LearnerActor
+from actors.teacher import TeacherActor
+from kernels.reference import distill_loss, sampled_rkl_loss
+from opd.batch import RolloutBatch, pack_sequences, padding_waste
+from opd.config import override, tiny_cpu
+
+
+@pytest.mark.parametrize("lengths, budget", [
+    ([5, 3, 8, 2, 7, 1], 10), ([12, 3, 3], 10), ([4] * 9, 8), ([1], 1), ([9, 9, 9], 9), ([7, 2, 6, 3, 5, 4], 0)])
+def test_pack_sequences_covers_each_sequence_once_within_the_budget(lengths, budget):
+    bins = pack_sequences(lengths, budget)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(b == sorted(b) for b in bins)
+    loads = [sum(lengths[i] for i in b) for b in bins]
+    if budget == 0:
+        assert len(bins) == 1
+        return
+    assert all(load <= budget or len(b) == 1 for load, b in zip(loads, bins, strict=True))
+    assert len(bins) >= -(-sum(lengths) // budget)
+    # balanced: no bin is emptier than another by more than one sequence could fill
+    assert max(loads) - min(loads) <= max(lengths)
+    assert pack_sequences(lengths, budget) == bins  # deterministic
+
+
+def test_pack_sequences_balances_instead_of_leaving_a_remainder():
+    bins = pack_sequences([4] * 10, 16)  # 40 tokens, budget 16: 3 bins of 16 / 12 / 12, not 16 / 16 / 8
+    assert sorted(sum(4 for _ in b) for b in bins) == [12, 12, 16]
+
+
+@pytest.fixture(scope="module")
+def toy_batch(root) -> RolloutBatch:
+    """Uneven prompts (4 to 6 tokens) and responses (stopped early or cut at 6 tokens) from the toy student."""
+    tok = AutoTokenizer.from_pretrained(root / "assets/toy/student")
+    engine = HFEngine.from_pretrained(str(root / "assets/toy/student"), eos_id=tok.eos_token_id,
+                                      pad_id=tok.pad_token_id)
+    prompts = [tok(p, add_special_tokens=False).input_ids for p in ["07+45=", "9+9=", "12+34=", "5+55=", "1+2="]]
+    batch = engine.generate(prompts, num_samples=2, temperature=1.5, max_new_tokens=6, seed=3)
+    lens = batch.response_lens.tolist()
+    assert len(set(lens)) > 1 and len({len(p) for p in batch.prompts()}) > 1, "the test needs uneven lengths"
+    return batch
+
+
+def test_packed_rows_predict_the_response_tokens(toy_batch):
+    for budget in (1, 20, 0):
+        packs = toy_batch.micro_batches(budget)
+        assert sorted(torch.cat([p.token_index for p in packs]).tolist()) == list(range(toy_batch.num_response_tokens))
+        for p in packs:
+            ids, pos = p.input_ids[0], p.position_ids[0]
+            assert ids.numel() == sum(len(toy_batch.prompts()[i]) + len(toy_batch.responses()[i]) for i in p.samples)
+            assert torch.equal(ids[p.positions + 1], toy_batch.response_ids[p.token_index])  # each predicts its token
+            assert int((pos == 0).sum()) == len(p.samples)  # positions restart once per sequence
+        assert padding_waste(packs, budget) >= 0.0
+    assert padding_waste(toy_batch.micro_batches(0), 0) == 0.0
+
+
+def _cfg(**sets):
+    cfg = override(tiny_cpu(), "learner.max_grad_norm=1e9")  # no clipping: the raw gradients are compared
+    for key, value in sets.items():
+        cfg = override(cfg, f"{key.replace('__', '.')}={value}")
+    return cfg
+
+
+def _reference(root, batch, kind, temperature=1.0, beta=0.5):
+    """The whole batch, padded, through a fresh student and teacher; materialised logits; autograd."""
+    student = AutoModelForCausalLM.from_pretrained(root / "assets/toy/student", dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(root / "assets/toy/teacher", dtype=torch.float32)
+    ids, mask, pos = batch.padded(0)
+    h_s = student.model(input_ids=ids, attention_mask=mask).last_hidden_state.flatten(0, 1)[pos]
+    n = batch.num_response_tokens
+    with torch.no_grad():
+        h_t = teacher.model(input_ids=ids, attention_mask=mask).last_hidden_state.flatten(0, 1)[pos]
+        t_logp = torch.log_softmax(teacher.lm_head(h_t) / temperature, -1).gather(
+            1, batch.response_ids[:, None]).squeeze(1)
+    if kind == "sampled_rkl":
+        loss = sampled_rkl_loss(h_s, student.lm_head.weight, batch.response_ids, t_logp, batch.logprobs,
+                                torch.ones(n), num_tokens=n, temperature=temperature)
+    else:
+        loss = distill_loss(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, torch.ones(n), kind=kind,
+                            beta=beta, temperature=temperature, num_tokens=n)
+    loss.backward()
+    return float(loss.detach()), {name: p.grad.clone() for name, p in student.named_parameters()}, h_t
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max()) / max(float(b.abs().max()), 1e-12)
+
+
+@pytest.mark.parametrize("kind", ["rkl", "jsd", "sampled_rkl"])
+def test_micro_batched_step_equals_the_whole_padded_batch(root, toy_batch, kind):
+    temperature = 1.5 if kind == "sampled_rkl" else 1.3  # sampled_rkl: the sampler's temperature
+    want_loss, want_grads, want_h_t = _reference(root, toy_batch, kind, temperature)
+    lengths = [len(p) + len(r) for p, r in zip(toy_batch.prompts(), toy_batch.responses(), strict=True)]
+    budgets = {"one sequence": 1, "three sequences": 3 * max(lengths), "whole batch": 0}
+    for checkpointing in (False, True):
+        for name, budget in budgets.items():
+            cfg = _cfg(loss__temperature=temperature, rollout__temperature=1.5, loss__kind=kind,
+                       learner__micro_batch_tokens=budget, teacher__micro_batch_tokens=budget,
+                       learner__gradient_checkpointing=str(checkpointing).lower())
+            learner, teacher = LearnerActor(cfg), TeacherActor(cfg)
+            try:
+                learner.set_teacher_head(teacher.output_head())
+                batch = dataclasses.replace(toy_batch, policy_version=learner.version)
+                scores = teacher.score(batch)
+                if scores.hidden_states is not None:  # the teacher's packed states equal the padded ones
+                    assert _relative(scores.hidden_states, want_h_t) < 1e-5, (name, "teacher hidden states")
+                metrics = learner.train_step(batch, scores)
+                where = (kind, name, f"checkpointing={checkpointing}")
+                assert metrics["learner/micro_batches"] == len(batch.micro_batches(budget)), where
+                assert abs(metrics["loss"] - want_loss) <= 1e-5 * abs(want_loss) + 1e-7, (where, metrics["loss"])
+                for pname, p in learner.model.named_parameters():
+                    assert _relative(p.grad, want_grads[pname]) < 1e-5, (where, pname)
+            finally:
+                learner.shutdown()
