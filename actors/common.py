@@ -24,6 +24,13 @@ def actor_device(cfg: Config) -> torch.device:
     return torch.device("cuda", 0) if uses_gpus(cfg) else torch.device("cpu")
 
 
+def return_cached_memory(cfg: Config, device: torch.device) -> None:
+    """colocated mode on a GPU: hand the blocks this phase freed back to the device (torch keeps them cached
+    otherwise), so the next phase's actor on the same GPU can use them."""
+    if cfg.run.mode == "colocated" and device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def join_groups(self, spec, me: int) -> None:
     """split mode (an actor method): join the run's collective groups as global member `me`."""
     from cluster import groups

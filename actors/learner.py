@@ -14,7 +14,7 @@ import torch
 from transformers import get_scheduler
 
 from actors.common import actor_device, init_process, join_groups, load, model_source, special_ids
-from actors.common import memory_stats, reset_peak_memory
+from actors.common import memory_stats, reset_peak_memory, return_cached_memory
 from cluster import transport, weights
 from kernels.chunked import chunked_divergence, chunked_sampled_rkl, chunked_token_logprobs
 from opd import checkpoint
@@ -48,8 +48,10 @@ class LearnerActor:
                                                       element_bytes=self.serving.flat.element_size()))
         self._weights_group = None  # split mode, sglang engines: the torch.distributed group they joined
         lc = cfg.learner
+        self.autocast = lc.compute_dtype == "bfloat16"  # bf16 matmuls over the fp32 master weights
+        # fused: one kernel for all parameters on CUDA (fp32 state either way)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lc.lr, betas=lc.adam_betas,
-                                           weight_decay=lc.weight_decay)
+                                           weight_decay=lc.weight_decay, fused=self.device.type == "cuda")
         name = {"constant": "constant_with_warmup"}.get(lc.lr_schedule, lc.lr_schedule)
         self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=lc.warmup_steps,
                                        num_training_steps=cfg.train.steps)
@@ -130,9 +132,10 @@ class LearnerActor:
         """Final hidden states `[n, d_s]` at the positions predicting the micro-batch's response tokens: one packed
         row, position ids restarting per sequence, no attention mask and no KV cache (transformers keeps each
         sequence's attention to itself only when both are absent)."""
-        hidden_1Td = self.model.get_decoder()(input_ids=packed.input_ids.to(self.device),
-                                              position_ids=packed.position_ids.to(self.device),
-                                              use_cache=False).last_hidden_state
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            hidden_1Td = self.model.get_decoder()(input_ids=packed.input_ids.to(self.device),
+                                                  position_ids=packed.position_ids.to(self.device),
+                                                  use_cache=False).last_hidden_state
         return hidden_1Td[0, packed.positions.to(self.device)]
 
     def _micro_batch_loss(self, packed: PackedRows, batch: RolloutBatch, scores: TeacherScores, num_tokens: int):
@@ -216,6 +219,7 @@ class LearnerActor:
         if loss.is_cuda:
             torch.cuda.synchronize()
         optimizer_done = time.perf_counter()  # clipping and the step
+        return_cached_memory(self.cfg, self.device)  # colocated: activations and loss blocks back to the GPU
         lens = batch.response_lens.float()
         return {
             "loss": float(loss),
@@ -257,6 +261,7 @@ class LearnerActor:
                 stats += part
         finally:
             self.model.train()
+            return_cached_memory(self.cfg, self.device)
         return {"kl/forward/mean": float(stats[0]) / n, "kl/reverse/mean": float(stats[1]) / n,
                 "entropy/student/mean": float(stats[2]) / n,
                 "response/length/mean": float(batch.response_lens.float().mean())}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from actors.common import actor_device, init_process, join_groups, load, model_source, special_ids
-from actors.common import memory_stats, reset_peak_memory
+from actors.common import memory_stats, reset_peak_memory, return_cached_memory
 from actors.engines.hf import HFEngine, resolve_sampler
 from cluster.weights import WeightUpdate
 from opd.batch import RolloutBatch
@@ -26,7 +26,10 @@ class RolloutActor:
             device = actor_device(cfg)
             # cpu mode: the engine's parameters become views of the learner's fp32 buffer, so load it in fp32;
             # the GPU modes serve the model.dtype copy the learner publishes.
-            model = load(cfg, "student", dtype="float32" if cfg.run.mode == "cpu" else None).to(device)
+            model = load(cfg, "student", dtype="float32" if cfg.run.mode == "cpu" else None)
+            # colocated: the parameters become views of the learner's serving buffer at the first sync, straight
+            # from host memory; moving them to the GPU first would strand a second copy of the student there
+            model = model if cfg.run.mode == "colocated" else model.to(device)
             self.engine = HFEngine(model, eos_id=eos_id, pad_id=pad_id,
                                    sampler=resolve_sampler(cfg.rollout.sampler, device))
 
@@ -41,6 +44,8 @@ class RolloutActor:
             # Hand the KV cache (and CUDA graphs) to the teacher and learner until the next generate. The weights
             # stay: a sync updates them in place, and an evaluation can generate without a sync.
             self.engine.release_memory(["kv_cache", "cuda_graph"])
+        else:  # colocated on a GPU: the decode loop's KV cache, freed when it returned, goes back to the device
+            return_cached_memory(self.cfg, self.engine.model.device)
         return batch
 
     def load_weights(self, update: WeightUpdate) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from actors.common import actor_device, init_process, join_groups, load, special_ids
-from actors.common import memory_stats, reset_peak_memory
+from actors.common import memory_stats, reset_peak_memory, return_cached_memory
 from actors.engines.hf import HFEngine
 from cluster.resources import hidden_transport
 from cluster.transport import Outbox
@@ -53,6 +53,8 @@ class TeacherActor:
             hidden_1Td = decoder(input_ids=packed.input_ids.to(self.device),
                                  position_ids=packed.position_ids.to(self.device), use_cache=False).last_hidden_state
             hidden[packed.token_index.to(self.device)] = hidden_1Td[0, packed.positions.to(self.device)]
+        del hidden_1Td
+        return_cached_memory(self.cfg, self.device)  # colocated: the forward's transients go back to the GPU
         if hidden_states if hidden_states is not None else self.cfg.loss.kind != "sampled_rkl":
             # sent in the model's dtype; the learner's loss widens it to fp32 one chunk at a time
             return TeacherScores(policy_version=batch.policy_version, hidden_states=self.outbox.export(hidden)).check(batch)

@@ -219,8 +219,12 @@ def launch(cfg: Config) -> Actors:
         return ray.remote(cls).options(num_cpus=where.num_cpus, num_gpus=where.num_gpus, max_restarts=restarts,
                                        scheduling_strategy=strategy).remote(cfg, *args)
 
-    actors = Actors(cfg, rollouts=[place(RolloutActor, "rollout", i, i) for i in range(r.rollout_replicas)],
-                    teachers=[place(TeacherActor, "teacher", i, i) for i in range(r.teacher_replicas)],
+    rollouts = [place(RolloutActor, "rollout", i, i) for i in range(r.rollout_replicas)]
+    if r.mode == "colocated":
+        # The engines start, and sglang reserves its KV cache, before the teacher and learner load on the same GPU:
+        # sglang sizes the cache from the memory free when it starts, so a model loading meanwhile would shrink it.
+        ray.get([e.weight_version.remote() for e in rollouts])
+    actors = Actors(cfg, rollouts=rollouts, teachers=[place(TeacherActor, "teacher", i, i) for i in range(r.teacher_replicas)],
                     learner=place(LearnerActor, "learner"), group=group)
     if r.mode == "split":
         _join_groups(cfg, actors)

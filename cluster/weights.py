@@ -231,4 +231,7 @@ def open_handle(handle: bytes) -> torch.Tensor:
 def attach_serving(model: nn.Module, serving: ServingHandle) -> None:
     """Point `model`'s parameters at views of the learner's serving buffer (zero copy, same device)."""
     flat = open_handle(serving.handle)
-    _bind(model.to(device=flat.device, dtype=serving.dtype), flat, serving.layout, copy_in=False)
+    # Bind first, then move what is left (the buffers): the parameters go straight from wherever they were loaded
+    # to views of the buffer, so no second copy of the weights is ever made on the device.
+    _bind(model, flat, serving.layout, copy_in=False)
+    model.to(device=flat.device)

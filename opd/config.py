@@ -119,8 +119,13 @@ class LearnerConfig:
     # and gradient are the whole batch's (normalised by all its response tokens). 0: the whole batch at once.
     micro_batch_tokens: int = 0
     gradient_checkpointing: bool = False  # recompute each decoder layer's activations in backward
+    # The student's forward/backward under autocast in this dtype (bfloat16: bf16 matmuls, fp32 master weights,
+    # gradients and optimizer; the loss's softmax and divergences stay fp32)
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
+        _require(self.compute_dtype in ("float32", "bfloat16"),
+                 f"learner.compute_dtype={self.compute_dtype!r} is unknown: use float32 or bfloat16")
         _require(self.micro_batch_tokens >= 0,
                  f"learner.micro_batch_tokens={self.micro_batch_tokens} must be >= 0 (0 = the whole batch at once)")
         _require(self.lr > 0, f"learner.lr={self.lr} must be > 0")
@@ -289,7 +294,7 @@ def _gpu_pair(student: str, teacher: str, **data) -> Config:
         # memory by token budget: 16k-token micro-batches with checkpointed layers in the learner, 32k in the
         # teacher (forward only); a longer sequence gets a micro-batch of its own
         learner=LearnerConfig(lr=1e-6, warmup_steps=10, max_grad_norm=1.0, micro_batch_tokens=16384,
-                              gradient_checkpointing=True),
+                              gradient_checkpointing=True, compute_dtype="bfloat16"),
         teacher=TeacherConfig(micro_batch_tokens=32768),
         run=RunConfig(mode="colocated"),
     )
