@@ -121,9 +121,10 @@ def rollout_cost(s: DecoderShape, w: Workload, dtype_bytes: int, dtype: str) -> 
 
 def teacher_cost(s: DecoderShape, w: Workload, dtype_bytes: int, dtype: str) -> Cost:
     """One forward pass over prompt + response (no output head: the learner projects the hidden states it is
-    sent, chunk by chunk). Bytes: the weights once, the fp32 hidden states of the response positions out."""
+    sent, chunk by chunk). Bytes: the weights once, the hidden states of the response positions out (in the
+    model's dtype)."""
     flops = forward_flops(s, w.seq_lens)
-    bytes_ = s.layers * s.layer_matmul_params * dtype_bytes + w.response_total * s.hidden * 4
+    bytes_ = s.layers * s.layer_matmul_params * dtype_bytes + w.response_total * s.hidden * dtype_bytes
     return Cost(flops, bytes_, dtype)
 
 
