@@ -30,6 +30,9 @@ def test_tiny_cpu_preset_and_overrides():
     ("run.mode=tpu", "run.mode='tpu' is unknown"),
     ("learner.nope=1", "no such setting"),
     ("learner", "write it as section.field=value"),
+    ("learner.micro_batch_tokens=-1", "learner.micro_batch_tokens=-1 must be >= 0"),
+    ("teacher.micro_batch_tokens=-8", "teacher.micro_batch_tokens=-8 must be >= 0"),
+    ("learner.compute_dtype=float16", "learner.compute_dtype='float16' is unknown"),
 ])
 def test_bad_values_name_the_field(assignment, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
@@ -81,6 +84,9 @@ def test_every_preset_validates(name):
         assert cfg.run.mode == "cpu"
     else:  # the real pairs: bf16 serving weights on a GPU, the anchors' global batch
         assert cfg.run.mode == "colocated" and cfg.model.dtype == "bfloat16" and cfg.train.prompts_per_step == 128
+        # memory by token budget, not by the batch
+        assert cfg.learner.micro_batch_tokens > 0 and cfg.teacher.micro_batch_tokens > 0
+        assert cfg.learner.gradient_checkpointing and cfg.learner.compute_dtype == "bfloat16"
 
 
 def _driver_error(root, *args) -> str:
