@@ -154,7 +154,8 @@ class LearnerActor:
         # the teacher's states arrive in its serving dtype; the kernel widens them one chunk at a time
         loss, stats = chunked_divergence(
             h_s, w_s, scores.hidden_states[index], self.teacher_head.weight, ones, kind=lc.kind, beta=lc.beta,
-            temperature=lc.temperature, valid_vocab=self.vocab_size, num_tokens=num_tokens, chunk_size=lc.chunk_size)
+            temperature=lc.temperature, valid_vocab=self.vocab_size, num_tokens=num_tokens, chunk_size=lc.chunk_size,
+            operand_dtype=torch.bfloat16 if self.autocast else torch.float32)
         return h_s, loss, stats
 
     def train_step(self, batch: RolloutBatch, *scores: TeacherScores) -> dict[str, float]:

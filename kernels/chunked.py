@@ -143,15 +143,39 @@ class _GradsInForward(torch.autograd.Function):
         return grad_h * grad_loss, grad_w * grad_loss, *([None] * (ctx.num_inputs - 2))
 
 
+def _operand(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """`t` as a GEMM operand of `dtype`. fp32: widened. bf16 on CUDA: bf16 (tensor cores; `_mm` asks for an fp32
+    result). bf16 on CPU, which has no bf16 GEMM with an fp32 result: the bf16 values widened to fp32, so the
+    products are those of the bf16 operands, accumulated in fp32, as on the GPU."""
+    if dtype == torch.float32:
+        return t.float()
+    t = t.to(dtype)
+    return t if t.is_cuda else t.float()
+
+
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b with an fp32 result; bf16 operands accumulate in fp32 (cuBLAS through torch.mm's out_dtype)."""
+    return a @ b if a.dtype == torch.float32 else torch.mm(a, b, out_dtype=torch.float32)
+
+
+def _addmm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b in place, acc fp32 (the weight gradient: no [V, d] temporary per chunk)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    else:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+
+
 class ChunkedDivergence(_GradsInForward):
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, weights, kind, beta, temperature, valid_vocab, num_tokens,
-                chunk_size, needs_grad, backend):
+                chunk_size, needs_grad, backend, operand_dtype):
         num_rows = h_s.shape[0]
         # Columns >= valid_vocab would be -inf on both sides: leaving them out of the matmul is the same
         # softmax, and their weight rows get exactly zero gradient.
-        # Logits and divergences in fp32 (DESIGN.md): low-precision weights are widened once, not per chunk.
-        ws, wt = w_s[:valid_vocab].float(), w_t[:valid_vocab].float()
+        # Logits and divergences in fp32 (DESIGN.md): the GEMMs' operands in `operand_dtype` (fp32, or bf16 with
+        # fp32 accumulation and fp32 results); the weights are converted once, not per chunk.
+        ws, wt = _operand(w_s[:valid_vocab], operand_dtype), _operand(w_t[:valid_vocab], operand_dtype)
         grad_h = torch.zeros_like(h_s, dtype=torch.float32) if needs_grad else None
         grad_w = torch.zeros_like(w_s, dtype=torch.float32) if needs_grad else None
         loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
@@ -160,38 +184,43 @@ class ChunkedDivergence(_GradsInForward):
         extra = {"valid_vocab": valid_vocab} if row_divergence is not torch_row_divergence_ else {}
         for start in range(0, num_rows, chunk_size):
             end = min(start + chunk_size, num_rows)
-            hs, w = h_s[start:end].float(), weights[start:end].float()
-            logits_s = hs @ ws.T  # [C, V] fp32; becomes d loss / d logits in place
-            rows, row_stats = row_divergence(logits_s, h_t[start:end].float() @ wt.T, w, kind=kind, beta=beta,
-                                             temperature=temperature, grad_scale=1.0 / num_tokens,
-                                             compute_grad=needs_grad, **extra)
+            hs, w = _operand(h_s[start:end], operand_dtype), weights[start:end].float()
+            logits_s = _mm(hs, ws.T)  # [C, V] fp32; becomes d loss / d logits in place
+            rows, row_stats = row_divergence(logits_s, _mm(_operand(h_t[start:end], operand_dtype), wt.T), w,
+                                             kind=kind, beta=beta, temperature=temperature,
+                                             grad_scale=1.0 / num_tokens, compute_grad=needs_grad, **extra)
             loss += rows @ w
             stats += w @ row_stats
             if needs_grad:
-                grad_h[start:end] = logits_s @ ws
-                grad_w[:valid_vocab].addmm_(logits_s.T, hs)  # in place: no [V, d] temporary per chunk
-        return _GradsInForward.finish(ctx, h_s, w_s, loss / num_tokens, stats, grad_h, grad_w, num_inputs=13)
+                grad_logits = _operand(logits_s, operand_dtype)  # fp32: the same tensor
+                grad_h[start:end] = _mm(grad_logits, ws)
+                _addmm_(grad_w[:valid_vocab], grad_logits.T, hs)
+        return _GradsInForward.finish(ctx, h_s, w_s, loss / num_tokens, stats, grad_h, grad_w, num_inputs=14)
 
 
 def chunked_divergence(h_s_Nd: Tensor, w_s_Vd: Tensor, h_t_Nd: Tensor, w_t_Vd: Tensor, weights_N: Tensor, *,
                        kind: str, num_tokens: float, beta: float = 0.5, temperature: float = 1.0,
-                       valid_vocab: int | None = None, chunk_size: int = 0,
-                       backend: str = "auto") -> tuple[Tensor, Tensor]:
+                       valid_vocab: int | None = None, chunk_size: int = 0, backend: str = "auto",
+                       operand_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """Loss `sum_i weight_i * D_i / num_tokens` (see kernels/reference.py) and detached weighted sums
     `[3]` of forward KL, reverse KL and student entropy (divide by the token count for means).
 
     h_s_Nd: student final hidden states; w_s_Vd: student output weight (gets a gradient, tied or not);
     h_t_Nd, w_t_Vd: teacher hidden states and output weight (no gradient); weights_N: per-token weights;
     valid_vocab: the tokenizer's size (<= both row counts); chunk_size: tokens per chunk, 0 = automatic;
-    backend: the per-row work in "torch" or "triton" (kernels/triton_kl.py); "auto" = Triton on CUDA.
+    backend: the per-row work in "torch" or "triton" (kernels/triton_kl.py); "auto" = Triton on CUDA;
+    operand_dtype: the projections' operands (torch.bfloat16: bf16 GEMMs accumulating in fp32 with fp32 logits;
+    softmax, divergences and the gradients' accumulators are fp32 either way).
     """
     assert h_s_Nd.shape[0] == h_t_Nd.shape[0] == weights_N.shape[0], "one row per response token"
+    assert operand_dtype in (torch.float32, torch.bfloat16), operand_dtype
     valid_vocab = min(w_s_Vd.shape[0], w_t_Vd.shape[0]) if valid_vocab is None else valid_vocab
     assert valid_vocab <= min(w_s_Vd.shape[0], w_t_Vd.shape[0])
     chunk_size = chunk_size or default_chunk_size(valid_vocab, h_s_Nd.shape[1], h_s_Nd.device.type)
     needs_grad = torch.is_grad_enabled() and (h_s_Nd.requires_grad or w_s_Vd.requires_grad)
     return ChunkedDivergence.apply(h_s_Nd, w_s_Vd, h_t_Nd.detach(), w_t_Vd.detach(), weights_N, kind, beta,
-                                   temperature, valid_vocab, float(num_tokens), chunk_size, needs_grad, backend)
+                                   temperature, valid_vocab, float(num_tokens), chunk_size, needs_grad, backend,
+                                   operand_dtype)
 
 
 @torch.no_grad()
