@@ -130,11 +130,19 @@ def test_chunked_extra_memory_does_not_grow_with_tokens(root, which, chunk):
                f"({small['step_s']:.2f} s), {e_large / MIB:.1f} MiB at 4N={4 * N} ({large['step_s']:.2f} s); "
                f"allowed growth {growth / MIB:.1f} MiB")
     print(summary)
-    assert e_small > 0 and e_large > 0, summary
-    assert e_large <= 1.1 * e_small + 4 * MIB + growth, f"extra memory grows with the token count: {summary}"
-    budget = BLOCKS * rows * V * 4 + 2 * V * D * 4 + 2 * 4 * N * D * 4
-    assert e_large <= budget, f"more than {BLOCKS} [chunk, V] blocks ({budget / MIB:.0f} MiB): {summary}"
-    materialised = 4 * N * V * 4
-    if chunk:
-        assert e_large < materialised / 8, (f"extra memory is {e_large / materialised:.2f} of the [4N, V] fp32 "
-                                            f"logits ({materialised / MIB:.0f} MiB): {summary}")
+    assert_flat(summary, e_small, e_large, growth=growth, slack=(1.1, 4 * MIB),
+                budget=BLOCKS * rows * V * 4 + 2 * V * D * 4 + 2 * 4 * N * D * 4,
+                materialised=4 * N * V * 4 if chunk else None)
+
+
+def assert_flat(summary: str, small: int, large: int, *, growth: int, slack: tuple[float, int], budget: int,
+                materialised: int | None) -> None:
+    """The bounds both twins (CPU RSS here, CUDA allocator in tests/gpu) put on the peak extra bytes at N
+    (`small`) and 4N (`large`): growth no more than `slack` (relative, absolute) plus the bytes that legitimately
+    grow with N; at most `budget` (the kernel's blocks); below 1/8 of the `[4N, V]` fp32 logits."""
+    assert small > 0 and large > 0, summary
+    assert large <= slack[0] * small + slack[1] + growth, f"extra memory grows with the token count: {summary}"
+    assert large <= budget, f"more than {BLOCKS} [chunk, V] blocks ({budget / MIB:.0f} MiB): {summary}"
+    if materialised is not None:
+        assert large < materialised / 8, (f"extra memory is {large / materialised:.2f} of the [4N, V] fp32 "
+                                          f"logits ({materialised / MIB:.0f} MiB): {summary}")
