@@ -88,10 +88,27 @@ def preflight(cfg: Config) -> Prepared:
     except (ModelError, OSError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
     prompts = build_prompt_set(cfg.data, cfg.train.seed, tokenizers["student"], tokenizers["teacher"])
+    check_memory(cfg, prompts)  # the last refusal, before the run directory or a resume touches anything
     if cfg.run.resume:
         run_dir, checkpoint = prepare_resume(cfg)
         return Prepared(run_dir=run_dir, prompts=prompts, valid_vocab=valid_vocab, resume_from=checkpoint)
     return Prepared(run_dir=make_run_dir(cfg), prompts=prompts, valid_vocab=valid_vocab)
+
+
+def check_memory(cfg: Config, prompts: PromptSet) -> None:
+    """The memory plan (opd/memory.py) for the prompt set's longest prompt: a GPU mode that cannot fit on this
+    machine's GPU is refused with one line naming the setting to change, and its plan is printed (a line per GPU);
+    on the CPU a shortfall of RAM is a warning, and nothing is printed otherwise."""
+    from cluster.resources import uses_gpus
+    from opd import memory
+
+    longest = max((max(len(p.student_ids), len(p.teacher_ids or ())) for p in prompts.train + prompts.eval),
+                  default=cfg.data.max_prompt_tokens)
+    result = memory.check(cfg, prompt_tokens=longest)  # raises ConfigError for a GPU that cannot hold the run
+    if uses_gpus(cfg):
+        print(result.format())
+    for problem in result.problems:  # the CPU: RAM is a warning only (the OS may swap, other processes may leave)
+        print(f"warning: {problem}", file=sys.stderr)
 
 
 def prepare_resume(cfg: Config) -> tuple[Path, Path]:
