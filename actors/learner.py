@@ -151,12 +151,19 @@ class LearnerActor:
                 batch.logprobs.to(self.device)[index], ones, num_tokens=num_tokens, temperature=lc.temperature,
                 clip_ratio=lc.clip_ratio, valid_vocab=self.vocab_size, chunk_size=lc.chunk_size)
             return h_s, loss, stats
-        # the teacher's states arrive in its serving dtype; the kernel widens them one chunk at a time
-        loss, stats = chunked_divergence(
-            h_s, w_s, scores.hidden_states[index], self.teacher_head.weight, ones, kind=lc.kind, beta=lc.beta,
-            temperature=lc.temperature, valid_vocab=self.vocab_size, num_tokens=num_tokens, chunk_size=lc.chunk_size,
-            operand_dtype=torch.bfloat16 if self.autocast else torch.float32)
+        loss, stats = self._divergence(h_s, index, scores, num_tokens)
         return h_s, loss, stats
+
+    def _divergence(self, h_s: torch.Tensor, index: torch.Tensor, scores: TeacherScores, num_tokens: int):
+        """The full-vocabulary divergence of a micro-batch's student states `h_s` to the teacher's states at the
+        same response tokens (`index`), normalised by the step's `num_tokens`; with its detached stats."""
+        lc = self.cfg.loss
+        # the teacher's states arrive in its serving dtype; the kernel widens them one chunk at a time
+        return chunked_divergence(
+            h_s, self.model.get_output_embeddings().weight, scores.hidden_states[index], self.teacher_head.weight,
+            torch.ones(h_s.shape[0], device=self.device), kind=lc.kind, beta=lc.beta, temperature=lc.temperature,
+            valid_vocab=self.vocab_size, num_tokens=num_tokens, chunk_size=lc.chunk_size,
+            operand_dtype=torch.bfloat16 if self.autocast else torch.float32)
 
     def train_step(self, batch: RolloutBatch, *scores: TeacherScores) -> dict[str, float]:
         """One optimizer step on `batch`; `scores`: one TeacherScores per teacher replica, for consecutive shards.
@@ -252,13 +259,7 @@ class LearnerActor:
         stats = torch.zeros(3, device=self.device)
         try:
             for packed in batch.micro_batches(self.cfg.learner.micro_batch_tokens):
-                h_s = self._student_hidden(packed)
-                index = packed.token_index.to(self.device)
-                _, part = chunked_divergence(
-                    h_s, self.model.get_output_embeddings().weight, scores.hidden_states[index],
-                    self.teacher_head.weight, torch.ones(h_s.shape[0], device=self.device), kind=self.cfg.loss.kind,
-                    beta=self.cfg.loss.beta, temperature=self.cfg.loss.temperature, valid_vocab=self.vocab_size,
-                    num_tokens=n, chunk_size=self.cfg.loss.chunk_size)
+                _, part = self._divergence(self._student_hidden(packed), packed.token_index.to(self.device), scores, n)
                 stats += part
         finally:
             self.model.train()
