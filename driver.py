@@ -105,7 +105,7 @@ def run(cfg: Config) -> dict:
                         ray.wait([batch], fetch_local=False)  # timing only: the batch goes actor to actor
                         t1 = time.perf_counter()
                         scores = actors.score(batch, teacher_prompts=teacher_ids(prompts))
-                        ray.wait(scores, fetch_local=False)
+                        actors.wait_scored(scores)
                         t2 = time.perf_counter()
                         result = actors.train_step(batch, scores)
                         upcoming = rollout(step + 1) if cfg.run.overlap and step < cfg.train.steps else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -121,12 +122,28 @@ class LearnerActor:
         weights.broadcast_buckets(self.serving, self.buckets, weights.WEIGHTS_GROUP, process_group=self._weights_group)
         return self.version
 
-    def _scores(self, batch: RolloutBatch, parts: tuple[TeacherScores, ...]) -> TeacherScores:
-        """The teacher replicas' scores of consecutive shards of `batch`, fetched to this device (mapped
-        through IPC, received over the collective group, or already here from the object store)."""
-        fetched = [TeacherScores(p.policy_version, hidden_states=transport.fetch(p.hidden_states, self.device),
-                                 token_logprobs=transport.fetch(p.token_logprobs, self.device)) for p in parts]
-        return TeacherScores.concat(fetched).check(batch)
+    def _part(self, batch: RolloutBatch, packed: PackedRows, k: int, parts: Sequence) -> TeacherScores:
+        """The teacher's scores of micro-batch `k` (`packed`), fetched to this device: from the object store (a ref
+        the driver passed on; only now is it pulled here), mapped through IPC, or received over the collective
+        group. Only one micro-batch's states are here at a time."""
+        part = parts[k]
+        if not isinstance(part, TeacherScores):  # a ray.ObjectRef of one
+            import ray
+
+            part = ray.get(part)
+        if part.micro_batch != k or not torch.equal(part.token_index, packed.token_index):
+            raise RuntimeError(f"the teacher's part {part.micro_batch} does not cover the learner's micro-batch {k}: "
+                               f"teacher and learner must plan with the same learner.micro_batch_tokens")
+        return TeacherScores(part.policy_version, k, part.token_index,
+                             hidden_states=transport.fetch(part.hidden_states, self.device),
+                             token_logprobs=transport.fetch(part.token_logprobs, self.device)).check(batch)
+
+    def _plan(self, batch: RolloutBatch, parts: Sequence) -> list[PackedRows]:
+        packs = batch.micro_batches(self.cfg.learner.micro_batch_tokens)
+        if len(parts) != len(packs):
+            raise RuntimeError(f"{len(parts)} teacher parts for {len(packs)} micro-batches: teacher and learner must "
+                               f"plan with the same learner.micro_batch_tokens")
+        return packs
 
     def _student_hidden(self, packed: PackedRows) -> torch.Tensor:
         """Final hidden states `[n, d_s]` at the positions predicting the micro-batch's response tokens: one packed
@@ -138,7 +155,7 @@ class LearnerActor:
                                                   use_cache=False).last_hidden_state
         return hidden_1Td[0, packed.positions.to(self.device)]
 
-    def _micro_batch_loss(self, packed: PackedRows, batch: RolloutBatch, scores: TeacherScores, num_tokens: int):
+    def _micro_batch_loss(self, packed: PackedRows, batch: RolloutBatch, part: TeacherScores, num_tokens: int):
         """This micro-batch's share of the step's loss (normalised by all `num_tokens` response tokens of the
         step, so the shares add up to the whole batch's loss) and its detached stats."""
         lc = self.cfg.loss
@@ -147,26 +164,27 @@ class LearnerActor:
         w_s, ones = self.model.get_output_embeddings().weight, torch.ones(h_s.shape[0], device=self.device)
         if lc.kind == "sampled_rkl":
             loss, stats = chunked_sampled_rkl(
-                h_s, w_s, batch.response_ids.to(self.device)[index], scores.token_logprobs[index],
+                h_s, w_s, batch.response_ids.to(self.device)[index], part.token_logprobs,
                 batch.logprobs.to(self.device)[index], ones, num_tokens=num_tokens, temperature=lc.temperature,
                 clip_ratio=lc.clip_ratio, valid_vocab=self.vocab_size, chunk_size=lc.chunk_size)
             return h_s, loss, stats
-        loss, stats = self._divergence(h_s, index, scores, num_tokens)
+        loss, stats = self._divergence(h_s, part, num_tokens)
         return h_s, loss, stats
 
-    def _divergence(self, h_s: torch.Tensor, index: torch.Tensor, scores: TeacherScores, num_tokens: int):
+    def _divergence(self, h_s: torch.Tensor, part: TeacherScores, num_tokens: int):
         """The full-vocabulary divergence of a micro-batch's student states `h_s` to the teacher's states at the
-        same response tokens (`index`), normalised by the step's `num_tokens`; with its detached stats."""
+        same response tokens (`part`), normalised by the step's `num_tokens`; with its detached stats."""
         lc = self.cfg.loss
         # the teacher's states arrive in its serving dtype; the kernel widens them one chunk at a time
         return chunked_divergence(
-            h_s, self.model.get_output_embeddings().weight, scores.hidden_states[index], self.teacher_head.weight,
+            h_s, self.model.get_output_embeddings().weight, part.hidden_states, self.teacher_head.weight,
             torch.ones(h_s.shape[0], device=self.device), kind=lc.kind, beta=lc.beta, temperature=lc.temperature,
             valid_vocab=self.vocab_size, num_tokens=num_tokens, chunk_size=lc.chunk_size,
             operand_dtype=torch.bfloat16 if self.autocast else torch.float32)
 
-    def train_step(self, batch: RolloutBatch, *scores: TeacherScores) -> dict[str, float]:
-        """One optimizer step on `batch`; `scores`: one TeacherScores per teacher replica, for consecutive shards.
+    def train_step(self, batch: RolloutBatch, parts: Sequence[TeacherScores]) -> dict[str, float]:
+        """One optimizer step on `batch`; `parts`: the teacher's TeacherScores (or refs to them) of each
+        micro-batch of the plan, in order (TeacherActor.score).
 
         The batch goes through the student in micro-batches of at most `learner.micro_batch_tokens` packed
         tokens; each one's backward adds its share to the gradients, so the step's loss and gradient are those
@@ -174,7 +192,6 @@ class LearnerActor:
         assert self.teacher_head is not None, "set_teacher_head before train_step"
         start = time.perf_counter()
         batch.check()
-        scores = self._scores(batch, scores)
         # On-policy contract: the engine sampled with the weights this learner holds now (with run.overlap, with
         # the weights of one step before).
         lag = self.version - batch.policy_version
@@ -186,12 +203,12 @@ class LearnerActor:
         # The sampler's log-probs are comparable with the learner's only without top-k / top-p truncation.
         comparable = r.top_p == 1.0 and r.top_k == 0
         self.optimizer.zero_grad(set_to_none=True)
-        packs = batch.micro_batches(self.cfg.learner.micro_batch_tokens)
+        packs = self._plan(batch, parts)
         loss = torch.zeros((), device=self.device)
         stats = torch.zeros(4 if sampled else 3, device=self.device)  # sums (and, sampled_rkl, one max: [3])
         gap = torch.zeros((), device=self.device)
-        for packed in packs:
-            h_s, part, part_stats = self._micro_batch_loss(packed, batch, scores, n)
+        for k, packed in enumerate(packs):
+            h_s, part, part_stats = self._micro_batch_loss(packed, batch, self._part(batch, packed, k, parts), n)
             if comparable and not sampled:
                 # Canary, taken before the step changes the weights: the learner's log-prob of each sampled
                 # token must match what the sampler reported.
@@ -250,16 +267,16 @@ class LearnerActor:
         }
 
     @torch.no_grad()
-    def evaluate(self, batch: RolloutBatch, *scores: TeacherScores) -> dict[str, float]:
+    def evaluate(self, batch: RolloutBatch, parts: Sequence[TeacherScores]) -> dict[str, float]:
         """Exact full-vocabulary KL between student and teacher on `batch` (no update), micro-batch by
-        micro-batch as in a step."""
-        scores = self._scores(batch, scores)
+        micro-batch as in a step (`parts` as in `train_step`)."""
+        packs = self._plan(batch, parts)
         self.model.eval()
         n = batch.num_response_tokens
         stats = torch.zeros(3, device=self.device)
         try:
-            for packed in batch.micro_batches(self.cfg.learner.micro_batch_tokens):
-                _, part = self._divergence(self._student_hidden(packed), packed.token_index.to(self.device), scores, n)
+            for k, packed in enumerate(packs):
+                _, part = self._divergence(self._student_hidden(packed), self._part(batch, packed, k, parts), n)
                 stats += part
         finally:
             self.model.train()

@@ -1,7 +1,10 @@
-"""TeacherActor: one forward pass over prompt + response ids; returns final hidden states at response
-positions (the learner recomputes teacher logits chunk by chunk from these and the frozen output head)."""
+"""TeacherActor: forwards over prompt + response ids; sends the final hidden states at response positions, one
+of the learner's micro-batches at a time (the learner recomputes teacher logits chunk by chunk from these and the
+frozen output head)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -11,7 +14,7 @@ from actors.engines.hf import HFEngine
 from cluster.resources import hidden_transport
 from cluster.transport import Outbox
 from kernels.chunked import chunked_token_logprobs
-from opd.batch import OutputHead, RolloutBatch, TeacherScores
+from opd.batch import OutputHead, RolloutBatch, TeacherScores, group_rows
 from opd.config import Config
 
 
@@ -35,33 +38,51 @@ class TeacherActor:
         return OutputHead(weight=weight, valid_vocab=self.vocab_size)
 
     @torch.no_grad()
-    def score(self, batch: RolloutBatch, *, hidden_states: bool | None = None,
-              teacher_prompts: list[list[int]] | None = None) -> TeacherScores:
-        """Hidden states at response positions for full-vocabulary losses (and for evaluation, which asks
-        with hidden_states=True); for sampled_rkl only the sampled tokens' log-probs.
+    def score(self, batch: RolloutBatch, *, replica: int = 0, replicas: int = 1, hidden_states: bool | None = None,
+              teacher_prompts: list[list[int]] | None = None) -> Iterator[TeacherScores]:
+        """One TeacherScores per micro-batch of the learner's plan (`batch.plan(learner.micro_batch_tokens)`)
+        that this replica scores (micro-batch k goes to replica k % replicas), in order, each yielded as soon as
+        it is done: hidden states at its response positions for full-vocabulary losses (and for evaluation,
+        which asks with hidden_states=True); for sampled_rkl only the sampled tokens' log-probs. Under Ray this
+        is a streaming generator: each part goes to the object store (or the outbox) when yielded, and this
+        process holds at most the states of the row it is scoring.
 
         teacher_prompts: the teacher's own rendering of each prompt of the step (indexed like the prompts the
         batch was sampled from); the response ids are scored unchanged after it."""
         batch.check()
         prompts = None if teacher_prompts is None else [teacher_prompts[i] for i in batch.prompt_index.tolist()]
+        states = hidden_states if hidden_states is not None else self.cfg.loss.kind != "sampled_rkl"
+        plan = batch.plan(self.cfg.learner.micro_batch_tokens)
+        mine = list(range(replica, len(plan), replicas))
+        self.outbox.begin()  # what the last batches exported stays alive for the learner; older parts go
         decoder = self.model.get_decoder()  # its last hidden state is already final-normed: no [T, V] logits made
-        hidden = torch.empty(batch.num_response_tokens, self.model.config.get_text_config().hidden_size,
-                             dtype=self.model.dtype, device=self.device)  # [num_response_tokens, d_t], model dtype
-        # One packed row of at most teacher.micro_batch_tokens tokens at a time, no KV cache: memory follows the
-        # budget; only the response positions' states are kept.
-        for packed in batch.micro_batches(self.cfg.teacher.micro_batch_tokens, prompts=prompts):
+        per_sample: dict[int, torch.Tensor] = {}  # [response_len, d_t] in the model's dtype, until its part leaves
+        # Rows of at most teacher.micro_batch_tokens tokens made of the learner's micro-batches, no KV cache:
+        # memory follows the two budgets; only the response positions' states are kept.
+        for row, complete in group_rows([plan[k] for k in mine], batch.lengths(prompts),
+                                        self.cfg.teacher.micro_batch_tokens):
+            packed = batch.pack(row, prompts)
             hidden_1Td = decoder(input_ids=packed.input_ids.to(self.device),
                                  position_ids=packed.position_ids.to(self.device), use_cache=False).last_hidden_state
-            hidden[packed.token_index.to(self.device)] = hidden_1Td[0, packed.positions.to(self.device)]
-        del hidden_1Td
-        return_cached_memory(self.cfg, self.device)  # colocated: the forward's transients go back to the GPU
-        if hidden_states if hidden_states is not None else self.cfg.loss.kind != "sampled_rkl":
-            # sent in the model's dtype; the learner's loss widens it to fp32 one chunk at a time
-            return TeacherScores(policy_version=batch.policy_version, hidden_states=self.outbox.export(hidden)).check(batch)
+            ends = torch.cumsum(batch.response_lens[list(row)], 0).tolist()
+            hidden_nd = hidden_1Td[0, packed.positions.to(self.device)]
+            del hidden_1Td
+            per_sample.update(zip(row, torch.tensor_split(hidden_nd, ends[:-1])))
+            del hidden_nd
+            for g in complete:
+                k = mine[g]
+                part = torch.cat([per_sample.pop(i) for i in plan[k]])
+                yield self._part(batch, k, batch.token_index(plan[k]), part, states)
+        return_cached_memory(self.cfg, self.device)  # colocated: the forwards' transients go back to the GPU
+
+    def _part(self, batch: RolloutBatch, k: int, token_index: torch.Tensor, hidden: torch.Tensor,
+              states: bool) -> TeacherScores:
+        if states:  # sent in the model's dtype; the learner's loss widens it to fp32 one chunk at a time
+            return TeacherScores(batch.policy_version, k, token_index, hidden_states=self.outbox.export(hidden))
         logprobs = chunked_token_logprobs(hidden, self.model.get_output_embeddings().weight,
-                                          batch.response_ids.to(self.device), temperature=self.cfg.loss.temperature,
-                                          valid_vocab=self.vocab_size)
-        return TeacherScores(policy_version=batch.policy_version, token_logprobs=logprobs.cpu()).check(batch)
+                                          batch.response_ids[token_index].to(self.device),
+                                          temperature=self.cfg.loss.temperature, valid_vocab=self.vocab_size)
+        return TeacherScores(batch.policy_version, k, token_index, token_logprobs=logprobs.cpu())
 
     join_groups = join_groups  # split mode: rank 1 + replica of the hidden-states group
 

@@ -77,11 +77,6 @@ def _merge_rollouts(offsets: list[int], *parts: RolloutBatch) -> RolloutBatch:
     return RolloutBatch.concat(list(parts))
 
 
-@ray.remote(num_cpus=0)
-def _split_rollout(batch: RolloutBatch, num_parts: int) -> list[RolloutBatch]:
-    return batch.split(num_parts)
-
-
 @dataclass
 class Actors:
     """The run's actors and the phases of a step over them. The driver calls these and never sees how many
@@ -113,21 +108,31 @@ class Actors:
         return _merge_rollouts.remote([lo for lo, hi in zip(bounds, bounds[1:]) if hi > lo], *parts)
 
     def score(self, batch: ray.ObjectRef, *, teacher_prompts: list[list[int]] | None = None,
-              hidden_states: bool | None = None) -> list[ray.ObjectRef]:
-        """The teacher's scores of `batch`, one ref per teacher replica (consecutive shards of the samples)."""
-        kwargs = dict(teacher_prompts=teacher_prompts, hidden_states=hidden_states)
-        if len(self.teachers) == 1:
-            return [self.teacher.score.remote(batch, **kwargs)]
-        shards = _split_rollout.options(num_returns=len(self.teachers)).remote(batch, len(self.teachers))
-        return [t.score.remote(shard, **kwargs) for t, shard in zip(self.teachers, shards, strict=True)]
+              hidden_states: bool | None = None) -> list[ray.ObjectRefGenerator]:
+        """The teacher's scores of `batch`, streamed: one generator per teacher replica, replica i yielding the
+        parts of the learner's micro-batches i, i + R, ... (TeacherActor.score) as it finishes each."""
+        kwargs = dict(teacher_prompts=teacher_prompts, hidden_states=hidden_states, replicas=len(self.teachers))
+        return [t.score.remote(batch, replica=i, **kwargs) for i, t in enumerate(self.teachers)]
 
-    def train_step(self, batch: ray.ObjectRef, scores: list[ray.ObjectRef]) -> ray.ObjectRef:
-        ref = self.learner.train_step.remote(batch, *scores)
+    @staticmethod
+    def wait_scored(scores: list[ray.ObjectRefGenerator]) -> None:
+        """Until every teacher replica has scored its share (timing; nothing is fetched here)."""
+        ray.wait([g.completed() for g in scores], num_returns=len(scores), fetch_local=False)
+
+    @staticmethod
+    def _parts(scores: list[ray.ObjectRefGenerator]) -> list[ray.ObjectRef]:
+        """The refs of every micro-batch's part in plan order (part k from replica k % R). Passed to the learner
+        inside a list, so Ray does not resolve them: the learner pulls one micro-batch's states at a time."""
+        per_replica = [list(g) for g in scores]
+        return [per_replica[k % len(scores)][k // len(scores)] for k in range(sum(map(len, per_replica)))]
+
+    def train_step(self, batch: ray.ObjectRef, scores: list[ray.ObjectRefGenerator]) -> ray.ObjectRef:
+        ref = self.learner.train_step.remote(batch, self._parts(scores))
         self._send_hidden()
         return ref
 
-    def evaluate(self, batch: ray.ObjectRef, scores: list[ray.ObjectRef]) -> ray.ObjectRef:
-        ref = self.learner.evaluate.remote(batch, *scores)
+    def evaluate(self, batch: ray.ObjectRef, scores: list[ray.ObjectRefGenerator]) -> ray.ObjectRef:
+        ref = self.learner.evaluate.remote(batch, self._parts(scores))
         self._send_hidden()
         return ref
 

@@ -40,21 +40,26 @@ class RemoteTensor:
 class Outbox:
     """The producer's side: keeps what it exported alive until the consumer is done with it.
 
-    ipc: the last `keep` tensors stay referenced (the learner maps one while the teacher may already score the
-    next batch); collective: the tensors wait for `send`, which the driver calls beside the learner's receive.
+    ipc: the tensors of the last `keep` batches (`begin` starts one) stay referenced (the learner maps one batch's
+    while the teacher may already score the next); collective: the tensors wait for `send`, which the driver calls
+    beside the learner's receive.
     """
 
     def __init__(self, transport: str, rank: int = -1, group: str = HIDDEN_GROUP, keep: int = 2):
         self.transport, self.rank, self.group = transport, rank, group
-        self._held: deque[torch.Tensor] = deque(maxlen=keep)
+        self._held: deque[list[torch.Tensor]] = deque([[]], maxlen=keep)
         self._pending: list[torch.Tensor] = []
+
+    def begin(self) -> None:
+        """A new batch: the tensors of the oldest batch held are released."""
+        self._held.append([])
 
     def export(self, tensor: torch.Tensor) -> torch.Tensor | RemoteTensor:
         if self.transport == "object_store":
             return tensor.cpu()
         tensor = tensor.contiguous()
         if self.transport == "ipc":
-            self._held.append(tensor)
+            self._held[-1].append(tensor)
             return RemoteTensor(tuple(tensor.shape), tensor.dtype, handle=share_handle(tensor))
         self._pending.append(tensor)
         return RemoteTensor(tuple(tensor.shape), tensor.dtype, src_rank=self.rank, group=self.group)

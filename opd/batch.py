@@ -56,23 +56,6 @@ class RolloutBatch:
                    finish_reasons=[r for p in parts for r in p.finish_reasons],
                    policy_version=versions.pop()).check()
 
-    def split(self, num_parts: int) -> list["RolloutBatch"]:
-        """Consecutive shards of samples, as equal as possible (for several teacher replicas)."""
-        bounds = [round(i * self.num_samples / num_parts) for i in range(num_parts + 1)]
-        p_ends = torch.cumsum(self.prompt_lens, 0).tolist()
-        r_ends = torch.cumsum(self.response_lens, 0).tolist()
-
-        def offset(ends, i):
-            return 0 if i == 0 else int(ends[i - 1])
-
-        shards = []
-        for lo, hi in zip(bounds, bounds[1:]):
-            p, r = slice(offset(p_ends, lo), offset(p_ends, hi)), slice(offset(r_ends, lo), offset(r_ends, hi))
-            shards.append(RolloutBatch(self.prompt_ids[p], self.prompt_lens[lo:hi], self.response_ids[r],
-                                       self.response_lens[lo:hi], self.logprobs[r], self.prompt_index[lo:hi],
-                                       self.finish_reasons[lo:hi], self.policy_version).check())
-        return shards
-
     def prompts(self) -> list[list[int]]:
         return [t.tolist() for t in torch.split(self.prompt_ids, self.prompt_lens.tolist())]
 
@@ -100,31 +83,73 @@ class RolloutBatch:
         return input_ids, attention_mask, torch.cat(positions)
 
 
+    def plan(self, max_tokens: int, prompts: list[list[int]] | None = None) -> list[tuple[int, ...]]:
+        """Which samples go into each micro-batch of at most `max_tokens` tokens (0: one micro-batch of the
+        whole batch): `pack_sequences` over the lengths of prompt + response. `prompts` as in `padded`."""
+        return [tuple(g) for g in pack_sequences(self.lengths(prompts), max_tokens)]
+
+    def lengths(self, prompts: list[list[int]] | None = None) -> list[int]:
+        """Each sample's prompt + response length (`prompts` as in `padded`)."""
+        if prompts is None:
+            return (self.prompt_lens + self.response_lens).tolist()
+        return [len(p) + int(r) for p, r in zip(prompts, self.response_lens.tolist(), strict=True)]
+
+    def pack(self, samples: tuple[int, ...] | list[int], prompts: list[list[int]] | None = None) -> "PackedRows":
+        """The `samples` (prompt + response) in one row, position ids restarting at 0 for each sequence, no
+        padding. `prompts` replaces each sample's prompt as in `padded`."""
+        p_starts = (torch.cumsum(self.prompt_lens, 0) - self.prompt_lens).tolist()
+        r_starts = (torch.cumsum(self.response_lens, 0) - self.response_lens).tolist()
+        ids, pos, where, offset = [], [], [], 0
+        for i in samples:
+            p_len, r_len = int(self.prompt_lens[i]), int(self.response_lens[i])
+            prompt = self.prompt_ids[p_starts[i]:p_starts[i] + p_len] if prompts is None else torch.tensor(
+                prompts[i], dtype=torch.int64)
+            ids += [prompt, self.response_ids[r_starts[i]:r_starts[i] + r_len]]
+            n_p = prompt.numel()
+            pos.append(torch.arange(n_p + r_len))
+            where.append(offset + torch.arange(n_p - 1, n_p + r_len - 1))
+            offset += n_p + r_len
+        return PackedRows(input_ids=torch.cat(ids)[None], position_ids=torch.cat(pos)[None],
+                          positions=torch.cat(where), token_index=self.token_index(samples), samples=tuple(samples))
+
+    def token_index(self, samples: tuple[int, ...] | list[int]) -> Tensor:
+        """The indices (in `response_ids` order) of the response tokens of `samples`, sample after sample."""
+        starts = (torch.cumsum(self.response_lens, 0) - self.response_lens).tolist()
+        return torch.cat([starts[i] + torch.arange(int(self.response_lens[i])) for i in samples])
+
     def micro_batches(self, max_tokens: int, prompts: list[list[int]] | None = None) -> list["PackedRows"]:
-        """The batch's sequences (prompt + response) packed into micro-batches of at most `max_tokens` tokens
-        each (0: the whole batch in one), one row per micro-batch with the position ids restarting at 0 for each
-        sequence and no padding (`pack_sequences` says how they are grouped). A sequence longer than the budget
-        gets a micro-batch of its own. `prompts` replaces each sample's prompt as in `padded`.
+        """The batch's sequences packed into micro-batches of at most `max_tokens` tokens each (`plan`), one
+        row per micro-batch (`pack`). A sequence longer than the budget gets a micro-batch of its own.
 
         Memory and time of a forward over one micro-batch grow with `max_tokens`, not with the batch."""
-        prompts = self.prompts() if prompts is None else prompts
-        responses = self.responses()
-        lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
-        token_starts = torch.cumsum(self.response_lens, 0) - self.response_lens  # [num_samples]
-        packs = []
-        for samples in pack_sequences(lengths, max_tokens):
-            ids, pos, where, token_index, offset = [], [], [], [], 0
-            for i in samples:
-                p, r = prompts[i], responses[i]
-                ids += p + r
-                pos.append(torch.arange(len(p) + len(r)))
-                where.append(offset + torch.arange(len(p) - 1, len(p) + len(r) - 1))
-                token_index.append(int(token_starts[i]) + torch.arange(len(r)))
-                offset += len(p) + len(r)
-            packs.append(PackedRows(input_ids=torch.tensor([ids], dtype=torch.int64),
-                                    position_ids=torch.cat(pos)[None], positions=torch.cat(where),
-                                    token_index=torch.cat(token_index), samples=tuple(samples)))
-        return packs
+        return [self.pack(samples, prompts) for samples in self.plan(max_tokens, prompts)]
+
+
+def group_rows(groups: list[tuple[int, ...]], lengths: list[int], max_tokens: int):
+    """Rows of at most `max_tokens` tokens (0: one row) made of whole groups of samples, in order: consecutive
+    groups share a row while they fit; a group larger than the budget is split over rows of its own
+    (`pack_sequences` within it). Yields `(samples of the row, indices of the groups complete after it)`.
+
+    The teacher scores the learner's micro-batches (the groups) in rows of its own budget this way, so that each
+    micro-batch's states can leave as soon as its last row is done."""
+    row: list[int] = []
+    done: list[int] = []
+    load = 0
+    for g, samples in enumerate(groups):
+        size = sum(lengths[i] for i in samples)
+        if row and max_tokens > 0 and load + size > max_tokens:
+            yield row, done
+            row, done, load = [], [], 0
+        if max_tokens > 0 and size > max_tokens:
+            subs = pack_sequences([lengths[i] for i in samples], max_tokens)
+            for j, sub in enumerate(subs):
+                yield [samples[i] for i in sub], [g] if j == len(subs) - 1 else []
+            continue
+        row += samples
+        done.append(g)
+        load += size
+    if row:
+        yield row, done
 
 
 def pack_sequences(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -183,31 +208,29 @@ _TENSOR_FIELDS = ("prompt_ids", "prompt_lens", "response_ids", "response_lens", 
 
 @dataclass
 class TeacherScores:
-    """What the loss needs from the teacher: hidden states (full-vocabulary losses) or the log-prob of each
-    sampled token (sampled-token loss); the other field is None."""
+    """What the loss needs from the teacher for one of the learner's micro-batches (`RolloutBatch.plan` with
+    `learner.micro_batch_tokens`): hidden states (full-vocabulary losses) or the log-prob of each sampled token
+    (sampled-token loss); the other field is None. The teacher sends one per micro-batch as soon as it is scored,
+    so neither side holds the whole step's states (only the object store does, in cpu mode)."""
 
     policy_version: int  # copied from the RolloutBatch it scores
-    # [num_response_tokens, d_teacher] in the teacher's dtype (fp32 / bf16 / fp16), final (normed) hidden states;
-    # the learner's loss widens them to fp32 one chunk at a time. In the GPU modes a
+    micro_batch: int  # which of the plan's micro-batches
+    token_index: Tensor  # [n] int64: its response tokens' indices in the batch's `response_ids` order
+    # [n, d_teacher] in the teacher's dtype (fp32 / bf16 / fp16), final (normed) hidden states, ordered like
+    # token_index; the learner's loss widens them to fp32 one chunk at a time. In the GPU modes a
     # cluster.transport.RemoteTensor (same shape and dtype) that the learner fetches
     hidden_states: Tensor | None = None
-    token_logprobs: Tensor | None = None  # [num_response_tokens] fp32, log p_T(sampled token) at loss temperature
-
-    @classmethod
-    def concat(cls, parts: list["TeacherScores"]) -> "TeacherScores":
-        """The scores of consecutive batch shards (`RolloutBatch.split`), fetched, as one."""
-        if len(parts) == 1:
-            return parts[0]
-        field = "hidden_states" if parts[0].hidden_states is not None else "token_logprobs"
-        return cls(policy_version=parts[0].policy_version, **{field: torch.cat([getattr(p, field) for p in parts])})
+    token_logprobs: Tensor | None = None  # [n] fp32, log p_T(sampled token) at loss temperature
 
     def check(self, batch: RolloutBatch) -> "TeacherScores":
         assert (self.hidden_states is None) != (self.token_logprobs is None), "exactly one of the two"
+        n = self.token_index.numel()
+        assert self.token_index.dtype == torch.int64 and self.token_index.shape == (n,)
         if self.hidden_states is not None:
-            assert len(self.hidden_states.shape) == 2 and self.hidden_states.shape[0] == batch.num_response_tokens
+            assert len(self.hidden_states.shape) == 2 and self.hidden_states.shape[0] == n
             assert self.hidden_states.dtype in (torch.float32, torch.bfloat16, torch.float16)
         else:
-            assert self.token_logprobs.shape == (batch.num_response_tokens,)
+            assert self.token_logprobs.shape == (n,)
             assert self.token_logprobs.dtype == torch.float32
         assert self.policy_version == batch.policy_version
         return self

@@ -153,7 +153,7 @@ def _steps(cfg: Config, actors, valid_vocab: int) -> tuple[list[dict], dict]:
         ray.wait([batch], fetch_local=False)  # timing only: the batch goes actor to actor
         t1 = time.perf_counter()
         scores = actors.score(batch)
-        ray.wait(scores, fetch_local=False)
+        actors.wait_scored(scores)
         t2 = time.perf_counter()
         metrics = ray.get(actors.train_step(batch, scores))
         t3 = time.perf_counter()

@@ -16,8 +16,11 @@ What each term grows with (the point of the token budgets, DESIGN.md "Scale"):
   micro-batch packs several sequences (sdpa / eager), with `m^2`;
 * the teacher's forward transients likewise with `m = teacher.micro_batch_tokens`;
 * the loss's blocks with `loss.chunk_size x V` and the output heads `V x d`: fixed;
-* the teacher's returned states `[response tokens of the step, d_t]` (the payload) and the rollout's KV cache grow
-  with the batch: they are the data, not a transient of the computation.
+* the teacher's states leave one learner micro-batch at a time (TeacherActor.score is a streaming generator): in
+  cpu mode through the object store, so both sides hold one part (the object store holds the step's); the GPU
+  transports still keep the step's `[response tokens, d_t]` on the teacher's device until the learner has taken
+  them (colocated: IPC mappings of the last two batches; split: sends that wait for the learner's receives), and
+  the rollout's KV cache grows with the batch: they are the data, not a transient of the computation.
 
 The per-token activation formulas come from what a transformers decoder layer (Llama / Qwen2 / Qwen3 style, sdpa)
 saves for backward, counted with a saved-tensors hook and checked against the peak resident set on CPU
@@ -408,9 +411,9 @@ def actor_plans(cfg: Config, student: Arch, teacher: Arch, step: Step, device: D
     if mode != "cpu":  # the flat copy the engines read, in model.dtype
         learner.append(Term("serving buffer", student.params * b, "model", True))
     learner.append(Term("teacher head", t.vocab * t.hidden * 4, "vocabulary", True))  # OutputHead, fp32
-    if mode != "colocated":  # colocated maps the teacher's tensor through IPC: no copy
-        learner.append(Term("received teacher states", responses * state_bytes, "step response tokens",
-                            setting="train.prompts_per_step"))
+    if mode != "colocated":  # one micro-batch's part at a time; colocated maps the teacher's tensor (no copy)
+        learner.append(Term("received teacher states", n * state_bytes, "micro-batch tokens",
+                            setting="learner.micro_batch_tokens"))
     activations, working, forward_casts = learner_activation_terms(
         student, m, n, packed, compute=compute, checkpointing=lc.gradient_checkpointing, attn=attn)
     learner += activations
@@ -418,12 +421,12 @@ def actor_plans(cfg: Config, student: Arch, teacher: Arch, step: Step, device: D
     # its backward returns a scaled copy of that gradient; the peak is the larger of the two. With bf16 compute the
     # forward's GEMM operands are copies of both output weights (bf16 on a GPU; on the CPU bf16-rounded and widened
     # back to fp32), freed when it returns; the fp32 weights are used as they are otherwise. Per response token:
-    # d loss / d h_s and its scaled copy, the gathered teacher states.
+    # d loss / d h_s and its scaled copy.
     head = s.vocab * s.hidden * 4
     copies = (valid_vocab * (s.hidden + t.hidden) * (2 if on_gpu else 4)
               if compute == "bfloat16" and full_vocab else 0)
     loss_peak = max(blocks + head, 2 * head)
-    learner.append(Term("loss blocks", loss_peak + n * (2 * s.hidden * 4 + state_bytes),
+    learner.append(Term("loss blocks", loss_peak + n * 2 * s.hidden * 4,
                         "vocabulary x loss.chunk_size", setting="loss.chunk_size"))
     if copies:  # what they add to the loss's peak
         learner.append(Term("output weight copies", max(0, blocks + head + copies - loss_peak), "vocabulary"))
@@ -443,12 +446,17 @@ def actor_plans(cfg: Config, student: Arch, teacher: Arch, step: Step, device: D
         learner.append(Term("optimizer step", 2 * s.vocab * s.hidden * 4, "model", phase="optimizer"))
 
     # teacher: weights in model.dtype; one packed row of teacher.micro_batch_tokens at a time, no activations kept
-    tm, _, tpacked = step.micro_batch(cfg.teacher.micro_batch_tokens,
-                                      math.ceil(step.num_sequences / cfg.run.teacher_replicas))
-    held = 2 if mode == "colocated" else 1  # colocated: the outbox keeps the last two exports (IPC)
-    teacher_terms = [Term("weights", teacher.params * b, "model", True), framework,
-                     Term("returned states", held * teacher_responses * state_bytes, "step response tokens",
-                          held == 2, setting="train.prompts_per_step")]
+    tm, tn, tpacked = step.micro_batch(cfg.teacher.micro_batch_tokens,
+                                       math.ceil(step.num_sequences / cfg.run.teacher_replicas))
+    teacher_terms = [Term("weights", teacher.params * b, "model", True), framework]
+    if mode == "cpu":  # hidden states through the object store (cluster/resources.py hidden_transport)
+        # streamed: a row's states until its micro-batches' parts are yielded, and the part being yielded
+        teacher_terms.append(Term("states in flight", (tn + n) * state_bytes, "micro-batch tokens",
+                                  setting="teacher.micro_batch_tokens / learner.micro_batch_tokens"))
+    else:  # ipc: the outbox keeps the last two batches' parts; collective: the step's parts wait for the send
+        held = 2 if mode == "colocated" else 1
+        teacher_terms.append(Term("returned states", held * teacher_responses * state_bytes, "step response tokens",
+                                  held == 2, setting="train.prompts_per_step"))
     forward = forward_transient_bytes(teacher, tm, tpacked, b, attn)
     if not full_vocab:  # chunked_token_logprobs widens the teacher's output weight to fp32
         forward += (t.vocab * t.hidden * 4 if b != 4 else 0) + blocks

@@ -15,9 +15,11 @@ keeps fp32 master weights and computes in `--compute`).
 Each measurement runs in a fresh process (no Ray: the actor classes are plain classes): construct the real
 TeacherActor or LearnerActor, run one warm-up call on a small batch (`--warmup` sequences: lazily created state
 such as AdamW's moments and the gradients exists afterwards), then for the learner drop the gradients (the step
-drops them first anyway, so the baseline holds weights and optimizer state only), build the measured batch and
-the teacher's states, hand freed heap back to the system (malloc_trim), reset the peak resident set
-(/proc/self/clear_refs) and run (a) `teacher.score(batch)` or (b) `learner.train_step(batch, scores)`. Reported:
+drops them first anyway, so the baseline holds weights and optimizer state only), build the measured batch, hand
+freed heap back to the system (malloc_trim), reset the peak resident set (/proc/self/clear_refs) and run (a)
+`teacher.score(batch)` to its end, dropping each yielded part (under Ray the object store takes it when it is
+yielded), or (b) `learner.train_step(batch, parts)` with random teacher parts made when the learner asks for
+each (under Ray it pulls each from the object store when it reaches that micro-batch). Reported:
 the peak resident set during the call (absolute) and its growth over the resident set just before it. glibc's
 mmap threshold is fixed at 1 MiB so every large tensor is its own mapping, returned when freed (as in
 tests/test_kernel_memory.py). Measurements run one after another, never two at once (the machine is small).
@@ -92,14 +94,25 @@ def synthetic_batch(num_seqs: int, prompt: int, response: int, vocab: int, versi
         finish_reasons=["length"] * num_seqs, policy_version=version).check()
 
 
-def synthetic_scores(batch, hidden: int, dtype, seed: int):
-    import torch
+class SyntheticParts:
+    """The teacher's parts of each micro-batch of the learner's plan, made when the learner asks for one (as a
+    Ray learner pulls each part from the object store when it reaches that micro-batch): random states."""
 
-    from opd.batch import TeacherScores
+    def __init__(self, batch, budget: int, hidden: int, dtype, seed: int):
+        self.batch, self.plan, self.hidden, self.dtype, self.seed = batch, batch.plan(budget), hidden, dtype, seed
 
-    g = torch.Generator().manual_seed(seed)
-    states = (torch.randn(batch.num_response_tokens, hidden, generator=g) * 0.5).to(dtype)
-    return TeacherScores(policy_version=batch.policy_version, hidden_states=states).check(batch)
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, k: int):
+        import torch
+
+        from opd.batch import TeacherScores
+
+        index = self.batch.token_index(self.plan[k])
+        g = torch.Generator().manual_seed(self.seed * 100_003 + k)
+        states = (torch.randn(index.numel(), self.hidden, generator=g) * 0.5).to(self.dtype)
+        return TeacherScores(self.batch.policy_version, k, index, hidden_states=states).check(self.batch)
 
 
 def child(args) -> dict:
@@ -123,14 +136,19 @@ def child(args) -> dict:
         out["construct_s"] = time.perf_counter() - t0
         out["constructed_rss_bytes"] = _status()["VmRSS"]
         t0 = time.perf_counter()
-        actor.score(synthetic_batch(args.warmup, args.prompt, args.response, vocab, 0, seed=1))
+        for _ in actor.score(synthetic_batch(args.warmup, args.prompt, args.response, vocab, 0, seed=1)):
+            pass
         out["warmup_s"] = time.perf_counter() - t0
         batch = synthetic_batch(args.batch, args.prompt, args.response, vocab, 0, seed=2)
         baseline = _reset_peak()
         t0 = time.perf_counter()
-        scores = actor.score(batch)
+        payload = parts = 0
+        for part in actor.score(batch):  # under Ray each part goes to the object store when yielded
+            payload += part.hidden_states.numel() * part.hidden_states.element_size()
+            parts += 1
+        del part
         out["step_s"] = time.perf_counter() - t0
-        out["payload_bytes"] = scores.hidden_states.numel() * scores.hidden_states.element_size()
+        out["payload_bytes"], out["parts"] = payload, parts
     else:
         from actors.learner import LearnerActor
         from opd.batch import OutputHead
@@ -147,13 +165,13 @@ def child(args) -> dict:
         vocab, dtype, d_t = actor.vocab_size, DTYPES[cfg.model.dtype], teacher_config.hidden_size
         t0 = time.perf_counter()
         warm = synthetic_batch(args.warmup, args.prompt, args.response, vocab, actor.version, seed=1)
-        actor.train_step(warm, synthetic_scores(warm, d_t, dtype, seed=1))
+        actor.train_step(warm, SyntheticParts(warm, args.budget, d_t, dtype, seed=1))
         del warm
         out["warmup_s"] = time.perf_counter() - t0
         actor.optimizer.zero_grad(set_to_none=True)  # what train_step does first: the baseline holds no gradients
         batch = synthetic_batch(args.batch, args.prompt, args.response, vocab, actor.version, seed=2)
-        scores = synthetic_scores(batch, d_t, dtype, seed=2)
-        out["payload_bytes"] = scores.hidden_states.numel() * scores.hidden_states.element_size()
+        scores = SyntheticParts(batch, args.budget, d_t, dtype, seed=2)
+        out["payload_bytes"] = batch.num_response_tokens * d_t * dtype.itemsize
         baseline = _reset_peak()
         t0 = time.perf_counter()
         metrics = actor.train_step(batch, scores)
@@ -179,8 +197,7 @@ def model_folders(kind: str, where: Path) -> tuple[str, str]:
 
 def planned(args, student: str, teacher: str) -> dict:
     """The memory plan's terms for the measured actor: its absolute peak, and the growth over the measured
-    baseline (teacher: the step's terms; learner: gradients + the step's terms except the teacher's states,
-    which exist before the call here)."""
+    baseline (teacher: the step's terms; learner: gradients + the step's terms)."""
     from opd import memory
 
     ns = argparse.Namespace(**{**vars(args), "student": student, "teacher": teacher})
@@ -189,12 +206,12 @@ def planned(args, student: str, teacher: str) -> dict:
     a = p.actors[args.which]
     terms = a.breakdown()
     if args.which == "teacher":
-        step = terms["returned states"] + terms["forward transients"]
+        step = terms["states in flight"] + terms["forward transients"]
         absolute = a.persistent_bytes + step
     else:
         step = sum(t.bytes for t in a.terms if not t.persistent and t.phase == "step")
         absolute = a.persistent_bytes + step
-        step = step - terms.get("received teacher states", 0) + terms["grads"]
+        step = step + terms["grads"]
     return {"plan_peak_bytes": absolute, "plan_growth_bytes": step, "plan_terms": terms}
 
 

@@ -106,16 +106,17 @@ def _batch(prompts, responses, version=3):
         finish_reasons=["stop"] * len(prompts), policy_version=version).check()
 
 
-def test_split_then_concat_is_the_identity():
-    batch = _batch([[1, 2], [3], [4, 5, 6], [7], [8, 9]], [[10], [11, 12], [13, 14, 15], [16], [17, 18]])
-    for parts in (1, 2, 3, 5):
-        shards = batch.split(parts)
-        assert len(shards) == parts and sum(s.num_samples for s in shards) == 5
-        assert [p for s in shards for p in s.prompts()] == batch.prompts()
-        assert [r for s in shards for r in s.responses()] == batch.responses()
+def test_concat_of_shards_is_the_whole_batch():
+    prompts, responses = [[1, 2], [3], [4, 5, 6], [7], [8, 9]], [[10], [11, 12], [13, 14, 15], [16], [17, 18]]
+    batch = _batch(prompts, responses)
+    for bounds in ([0, 5], [0, 2, 5], [0, 1, 3, 5], list(range(6))):
+        shards = [_batch(prompts[lo:hi], responses[lo:hi]) for lo, hi in zip(bounds, bounds[1:])]
+        for shard, lo in zip(shards, bounds):
+            shard.prompt_index = shard.prompt_index + lo
+            shard.logprobs = shard.logprobs - sum(map(len, responses[:lo]))
         whole = RolloutBatch.concat(shards)
         for f in ("prompt_ids", "prompt_lens", "response_ids", "response_lens", "logprobs", "prompt_index"):
-            assert torch.equal(getattr(whole, f), getattr(batch, f)), f
+            assert torch.equal(getattr(whole, f), getattr(batch, f)), (bounds, f)
 
 
 def test_concat_refuses_shards_of_different_versions():

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 from actors.learner import LearnerActor
 from actors.rollout import RolloutActor
 from actors.teacher import TeacherActor
+from conftest import whole
 from kernels.reference import distill_loss, sampled_rkl_loss
 from opd.config import override, tiny_cpu
 
@@ -18,7 +19,7 @@ def test_learner_loss_equals_reference_and_the_engine_sees_the_step(root, tmp_pa
         rollout.load_weights(learner.export_weights())
         batch = rollout.generate([[3, 4, 14, 5, 6, 15]] * 2 + [[13, 12, 14, 4, 4, 15]], seed=0)
         # A saved batch: what crosses the actor boundary survives a round trip through a file.
-        torch.save({"batch": batch, "scores": teacher.score(batch)}, tmp_path / "batch.pt")
+        torch.save({"batch": batch, "scores": list(teacher.score(batch))}, tmp_path / "batch.pt")
         saved = torch.load(tmp_path / "batch.pt", weights_only=False)
         batch, scores = saved["batch"].check(), saved["scores"]
 
@@ -52,18 +53,18 @@ def test_sampled_rkl_learner_matches_reference(root):
         learner.set_teacher_head(teacher.output_head())
         rollout.load_weights(learner.export_weights())
         batch = rollout.generate([[3, 4, 14, 5, 6, 15], [13, 12, 14, 4, 4, 15]], seed=1)
-        scores = teacher.score(batch)
-        assert scores.hidden_states is None  # only the sampled tokens' log-probs cross the boundary
+        scores = list(teacher.score(batch))
+        assert all(s.hidden_states is None for s in scores)  # only the sampled tokens' log-probs cross the boundary
         ids, mask, pos = batch.padded(learner.pad_id)
         tmodel = AutoModelForCausalLM.from_pretrained(root / "assets/toy/teacher", dtype=torch.float32)
         with torch.no_grad():
             t_logp = torch.log_softmax(tmodel(input_ids=ids, attention_mask=mask).logits.flatten(0, 1)[pos], -1)
-        assert torch.allclose(scores.token_logprobs, t_logp.gather(1, batch.response_ids[:, None]).squeeze(1),
+        assert torch.allclose(whole(scores, batch, "token_logprobs"), t_logp.gather(1, batch.response_ids[:, None]).squeeze(1),
                               atol=1e-5)
         student = AutoModelForCausalLM.from_pretrained(root / "assets/toy/student", dtype=torch.float32)
         h_s = student.model(input_ids=ids, attention_mask=mask).last_hidden_state.flatten(0, 1)[pos]
         n = batch.num_response_tokens
-        want = sampled_rkl_loss(h_s, student.lm_head.weight, batch.response_ids, scores.token_logprobs,
+        want = sampled_rkl_loss(h_s, student.lm_head.weight, batch.response_ids, whole(scores, batch, "token_logprobs"),
                                 batch.logprobs, torch.ones(n), num_tokens=n)
         metrics = learner.train_step(batch, scores)
         assert abs(metrics["loss"] - float(want.detach())) < 1e-5

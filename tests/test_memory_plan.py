@@ -67,7 +67,8 @@ def test_plan_numbers_by_hand(small):
     # learner: fp32 weights and gradients, two AdamW moments, the fp32 teacher head [1024, 96]
     assert learner["weights"] == learner["grads"] == 202304 * 4 and learner["optimizer"] == 2 * 202304 * 4
     assert learner["teacher head"] == 1024 * 96 * 4
-    assert learner["received teacher states"] == 4 * 6 * 96 * 2  # 24 response tokens x d_t in bf16
+    # the teacher's part of one micro-batch at a time: 12 response tokens x d_t in bf16
+    assert learner["received teacher states"] == 12 * 96 * 2
     # one micro-batch of 32 tokens (two packed sequences), 12 of them predicting response tokens. Per token:
     # each layer saves 4 x (6 x 64 + 4 x 64 + 4 x 128 + 4 heads) = 4624 bytes, twice; final norm, rotary and ids
     # 2 x 64 x 4 + 2 x 16 x 4 + 8 = 648. Plus the gathered [12, 64] fp32 states.
@@ -75,17 +76,19 @@ def test_plan_numbers_by_hand(small):
     assert learner["attention mask"] == 32 * 32 * (1 + 4)  # bool + sdpa's fp32 additive copy
     # chunk: at most the 12 response rows. Forward: 6 [12, 1000] fp32 blocks beside the [1000, 64] fp32 weight
     # gradient; backward: that gradient and its scaled copy; the larger, plus per response token d loss / d h_s
-    # twice and the gathered teacher state in bf16
+    # twice
     blocks = 6 * 12 * 1000 * 4
-    assert learner["loss blocks"] == max(blocks + 256000, 2 * 256000) + 12 * (2 * 64 * 4 + 96 * 2) == 552448
+    assert learner["loss blocks"] == max(blocks + 256000, 2 * 256000) + 12 * 2 * 64 * 4 == 550144
     assert "grads not yet rebuilt" not in learner  # two micro-batches: the first one's gradients are there
     # the layers' backward intermediates (int(1.8 x 128 x 4) = 921 bytes per token) beside one [1000, 64] gradient
     # stay below the loss's peak: they add nothing
     assert learner["backward working set"] == max(0, 256000 + 32 * 921 - 544000) == 0
-    assert p.actors["learner"].step_bytes == 4608 + 319744 + 5120 + 552448  # > the optimizer phase's 512000
+    assert p.actors["learner"].step_bytes == 2304 + 319744 + 5120 + 550144  # > the optimizer phase's 512000
     # teacher: bf16 weights; a packed row of 48 tokens: (3 x 192 + 4 x 96) x 2 bytes per token and a bool mask
     assert teacher["weights"] == 437376 * 2
     assert teacher["forward transients"] == 48 * (3 * 192 + 4 * 96) * 2 + 48 * 48 == 94464
+    # streamed states: a row's (3 sequences, 18 response tokens) and the part being yielded (12), bf16
+    assert teacher["states in flight"] == (18 + 12) * 96 * 2
     # its evaluation phase (greedy answers to 2 prompts of 10 + 6 tokens) is larger than scoring, and they do not
     # add up: KV 2 x 16 x (2 x 3 layers x 2 heads x 16 x 2 bytes) plus one layer's growth copy
     assert teacher["eval KV cache"] == 2 * 16 * 384 + (2 * 16 * 384) // 3 == 16384
@@ -97,7 +100,7 @@ def test_plan_numbers_by_hand(small):
     # the machine's RAM holds every actor's persistent terms and the largest phase (they run one after another)
     persistent = sum(p.actors[r].persistent_bytes for r in ("rollout", "teacher", "learner"))
     assert persistent == 3 * memory.CPU_PROCESS_BYTES + 4 * 202304 * 4 + 1024 * 96 * 4 + 437376 * 2
-    assert p.uses[0].need_bytes == persistent + 881920 and p.fits
+    assert p.uses[0].need_bytes == persistent + 877312 and p.fits
     # the whole batch in one micro-batch: the step drops the last step's gradients before the forward
     whole = memory.plan(override(small, "learner.micro_batch_tokens=0"), memory.Device.cpu(64 * GIB),
                         prompt_tokens=10).actors["learner"].breakdown()
@@ -106,7 +109,8 @@ def test_plan_numbers_by_hand(small):
 
 def test_activations_follow_the_micro_batch_not_the_batch(small):
     """Per-micro-batch terms scale with learner.micro_batch_tokens (linearly; the packed row's mask with its
-    square) and not at all with the batch; only the payload (the teacher's states) and the KV cache grow with it."""
+    square) and not at all with the batch; the teacher's states too in cpu mode (streamed); the KV cache, and the
+    states the GPU transports keep, grow with it."""
     def terms(*assignments):
         p = memory.plan(_with(small, "train.prompts_per_step=64", *assignments), memory.Device.cpu(64 * GIB),
                         prompt_tokens=10)
@@ -124,8 +128,11 @@ def test_activations_follow_the_micro_batch_not_the_batch(small):
     for role, name in (("learner", "activations"), ("learner", "attention mask"), ("learner", "loss blocks"),
                        ("teacher", "forward transients")):
         assert len({t[role][name] for t in by_batch}) == 1, (role, name)
-    payload = [t["learner"]["received teacher states"] for t in by_batch]
-    assert payload == [b * 6 * 96 * 2 for b in (4, 64, 1024)]
+    for role, name in (("learner", "received teacher states"), ("teacher", "states in flight")):
+        assert len({t[role][name] for t in by_batch}) == 1, (role, name)  # streamed one micro-batch at a time
+    # the GPU transports keep the step's states on the teacher's device: they grow with the batch
+    split = [terms(f"train.prompts_per_step={b}", "run.mode=split")["teacher"]["returned states"] for b in (4, 64)]
+    assert split == [b * 6 * 96 * 2 for b in (4, 64)]
     # the whole batch at once (budget 0, the old behaviour) grows with the batch
     whole = [terms(f"train.prompts_per_step={b}", "learner.micro_batch_tokens=0")["learner"]["activations"]
              for b in (4, 64)]
@@ -152,7 +159,7 @@ def test_checkpointing_and_bf16_compute_change_the_activations(small):
     # both heads, beside its blocks and the [1000, 64] fp32 gradient, which here outweigh the backward's two
     assert bf16["autocast weight copies"] == 2 * 36864 * 2
     assert bf16["output weight copies"] == (1000 * 64 + 1000 * 96) * 2
-    assert bf16["loss blocks"] == 6 * 12 * 1000 * 4 + 256000 + 12 * (2 * 64 * 4 + 96 * 2)
+    assert bf16["loss blocks"] == 6 * 12 * 1000 * 4 + 256000 + 12 * 2 * 64 * 4
 
 
 def test_anchor_hub_ids_use_the_shape_files_and_others_are_not_planned(monkeypatch):

@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from actors.engines.hf import HFEngine
 from actors.learner import LearnerActor
 from actors.teacher import TeacherActor
+from conftest import whole
 from kernels.reference import distill_loss, sampled_rkl_loss
-from opd.batch import RolloutBatch, pack_sequences, padding_waste
+from opd.batch import RolloutBatch, group_rows, pack_sequences, padding_waste
 from opd.config import override, tiny_cpu
 
 
@@ -38,6 +39,23 @@ def test_pack_sequences_covers_each_sequence_once_within_the_budget(lengths, bud
 def test_pack_sequences_balances_instead_of_leaving_a_remainder():
     bins = pack_sequences([4] * 10, 16)  # 40 tokens, budget 16: 3 bins of 16 / 12 / 12, not 16 / 16 / 8
     assert sorted(sum(4 for _ in b) for b in bins) == [12, 12, 16]
+
+
+@pytest.mark.parametrize("budget", [0, 1, 6, 10, 25])
+def test_group_rows_keep_groups_whole_within_the_budget(budget):
+    lengths = [5, 3, 8, 2, 7, 1, 4, 6]
+    groups = [tuple(g) for g in pack_sequences(lengths, 9)]  # the learner's plan (budget 9)
+    rows = list(group_rows(groups, lengths, budget))
+    assert sorted(i for row, _ in rows for i in row) == list(range(len(lengths)))  # every sample once
+    assert sorted(g for _, done in rows for g in done) == list(range(len(groups)))  # every group completed once
+    seen = set()
+    for row, done in rows:
+        assert budget == 0 or sum(lengths[i] for i in row) <= budget or len(row) == 1
+        seen |= set(row)
+        assert all(set(groups[g]) <= seen for g in done)  # a group completes only once all its samples are scored
+    assert [g for _, done in rows for g in done] == sorted(g for _, done in rows for g in done)  # in plan order
+    if budget == 0:
+        assert len(rows) == 1
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +131,9 @@ def test_micro_batched_step_equals_the_whole_padded_batch(root, toy_batch, kind)
             try:
                 learner.set_teacher_head(teacher.output_head())
                 batch = dataclasses.replace(toy_batch, policy_version=learner.version)
-                scores = teacher.score(batch)
-                if scores.hidden_states is not None:  # the teacher's packed states equal the padded ones
-                    assert _relative(scores.hidden_states, want_h_t) < 1e-5, (name, "teacher hidden states")
+                scores = list(teacher.score(batch))
+                if kind != "sampled_rkl":  # the teacher's packed states equal the padded ones
+                    assert _relative(whole(scores, batch), want_h_t) < 1e-5, (name, "teacher hidden states")
                 metrics = learner.train_step(batch, scores)
                 where = (kind, name, f"checkpointing={checkpointing}")
                 assert metrics["learner/micro_batches"] == len(batch.micro_batches(budget)), where
@@ -136,7 +154,7 @@ def test_bf16_compute_is_finite_and_close_to_fp32(toy_batch):
         try:
             learner.set_teacher_head(teacher.output_head())
             batch = dataclasses.replace(toy_batch, policy_version=learner.version)
-            results[dtype] = learner.train_step(batch, teacher.score(batch))
+            results[dtype] = learner.train_step(batch, list(teacher.score(batch)))
             assert all(p.grad.dtype == torch.float32 and p.dtype == torch.float32
                        for p in learner.model.parameters())
         finally:
@@ -146,3 +164,43 @@ def test_bf16_compute_is_finite_and_close_to_fp32(toy_batch):
         assert torch.isfinite(torch.tensor(bf16[key])), key
         assert abs(bf16[key] - fp32[key]) <= 1e-2 * abs(fp32[key]), (key, bf16[key], fp32[key])
     assert bf16["loss"] != fp32["loss"]  # the bf16 path really ran in bf16
+
+
+@pytest.mark.parametrize("learner_budget, teacher_budget, replicas", [
+    (1, 0, 1), (0, 1, 1), (20, 7, 2), (20, 60, 2), (1, 1, 3)])
+def test_teacher_parts_follow_the_learners_plan(root, toy_batch, learner_budget, teacher_budget, replicas):
+    """Each replica yields the parts of its micro-batches of the learner's plan (k % replicas), whatever the
+    teacher's own budget; together they hold exactly the padded whole-batch states."""
+    _, _, want_h_t = _reference(root, toy_batch, "rkl") if learner_budget == 1 and replicas == 1 else (0, 0, None)
+    cfg = _cfg(learner__micro_batch_tokens=learner_budget, teacher__micro_batch_tokens=teacher_budget)
+    teacher = TeacherActor(cfg)
+    packs = toy_batch.micro_batches(learner_budget)
+    parts = [list(teacher.score(toy_batch, replica=i, replicas=replicas)) for i in range(replicas)]
+    for i, mine in enumerate(parts):
+        assert [p.micro_batch for p in mine] == list(range(i, len(packs), replicas))
+    ordered = sorted((p for mine in parts for p in mine), key=lambda p: p.micro_batch)
+    for part, packed in zip(ordered, packs, strict=True):
+        assert torch.equal(part.token_index, packed.token_index)
+    got = whole(ordered, toy_batch)
+    one_row = whole(TeacherActor(_cfg()).score(toy_batch), toy_batch)  # the whole batch in one row
+    assert _relative(got, one_row) < 1e-5
+    if want_h_t is not None:
+        assert _relative(got, want_h_t) < 1e-5
+
+
+def test_learner_refuses_parts_of_another_plan(toy_batch):
+    teacher = TeacherActor(_cfg(learner__micro_batch_tokens=0))
+    learner = LearnerActor(_cfg(learner__micro_batch_tokens=20))
+    try:
+        learner.set_teacher_head(teacher.output_head())
+        batch = dataclasses.replace(toy_batch, policy_version=learner.version)
+        with pytest.raises(RuntimeError, match="same learner.micro_batch_tokens"):
+            learner.train_step(batch, list(teacher.score(batch)))
+        learner_one = LearnerActor(_cfg(learner__micro_batch_tokens=1))
+        learner_one.set_teacher_head(teacher.output_head())
+        parts = list(TeacherActor(_cfg(learner__micro_batch_tokens=1)).score(batch))
+        with pytest.raises(RuntimeError, match="does not cover"):
+            learner_one.train_step(batch, parts[::-1])
+        learner_one.shutdown()
+    finally:
+        learner.shutdown()

@@ -13,8 +13,10 @@ COMPARED = ("loss", "kl/forward/mean", "kl/reverse/mean", "entropy/student/mean"
             "response/tokens/sum")
 EVAL_COMPARED = ("eval/kl/reverse/mean", "eval/kl/forward/mean", "eval/accuracy/student", "eval/accuracy/teacher")
 # Two rollout replicas everywhere: replica i samples its share of the prompts with seed + i, so a run with two
-# replicas draws the same tokens in every mode.
-REPLICAS = ("--set", "run.rollout_replicas=2")
+# replicas draws the same tokens in every mode. Micro-batches of a few sequences, so that two teachers each send
+# several parts (part k comes from teacher k % 2) and the learner takes them one at a time.
+REPLICAS = ("--set", "run.rollout_replicas=2", "--set", "learner.micro_batch_tokens=40",
+            "--set", "teacher.micro_batch_tokens=64")
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +32,7 @@ def _same_as_cpu(run_dir, cpu_run) -> list[dict]:
         for key in COMPARED:
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["step"], key)
         assert got["logprob/learner_minus_rollout/absmax"] < 1e-4
+        assert got["learner/micro_batches"] == want["learner/micro_batches"] >= 4
     for got, want in zip(evals, want_evals, strict=True):
         for key in EVAL_COMPARED:
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["step"], key)

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.teacher import TeacherActor
+from conftest import whole
 from opd.batch import RolloutBatch
 from opd.config import tiny_cpu
 from opd.prompts import render, render_ids
@@ -74,10 +75,10 @@ def test_teacher_scores_the_same_response_after_its_own_prompt(root):
                          response_ids=torch.tensor(response), response_lens=torch.tensor([4]),
                          logprobs=torch.zeros(4), prompt_index=torch.tensor([0]), finish_reasons=["stop"],
                          policy_version=0).check()
-    scores = teacher.score(batch, teacher_prompts=[teacher_prompt])
+    scores = whole(teacher.score(batch, teacher_prompts=[teacher_prompt]), batch)
     model = AutoModelForCausalLM.from_pretrained(root / "assets/toy/teacher", dtype=torch.float32)
     with torch.no_grad():
         hidden = model.model(input_ids=torch.tensor([teacher_prompt + response])).last_hidden_state[0]
-    assert torch.allclose(scores.hidden_states, hidden[len(teacher_prompt) - 1: -1], atol=1e-5)
-    plain = teacher.score(batch)
-    assert not torch.allclose(plain.hidden_states, scores.hidden_states)
+    assert torch.allclose(scores, hidden[len(teacher_prompt) - 1: -1], atol=1e-5)
+    plain = whole(teacher.score(batch), batch)
+    assert not torch.allclose(plain, scores)

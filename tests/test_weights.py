@@ -87,7 +87,7 @@ def test_colocated_plumbing_on_cpu_serving_copy_refreshed_at_sync(root):
         assert len(engine_params) == 1  # all views of one mapped buffer
         before = rollout.logits(ids).clone()
         batch = rollout.generate([[3, 4, 14, 5, 6, 15]] * 4, seed=0)
-        metrics = learner.train_step(batch, teacher.score(batch))
+        metrics = learner.train_step(batch, list(teacher.score(batch)))
         assert metrics["logprob/learner_minus_rollout/absmax"] < 1e-4
         assert torch.equal(rollout.logits(ids), before)  # the step touched the master weights only
         update = learner.export_weights()
