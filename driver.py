@@ -2,6 +2,8 @@
 
     python driver.py                                  # the embedded default (preset tiny_cpu)
     python driver.py --preset tiny_cpu --set loss.kind=jsd --set train.steps=200
+    python driver.py --config configs/smollm2_cpu.yaml    # settings from a YAML / JSON file (over the preset)
+    python driver.py --preset smollm2_cpu --print-config  # the resolved config as YAML, nothing run
     python driver.py --resume runs/<name>                 # continue a run from its latest checkpoint
     ray job submit --working-dir . -- python driver.py --set run.out_dir=$PWD/runs
 """
@@ -22,6 +24,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue RUN_DIR from its latest checkpoint with the run's own config (its config.json); "
                              "--set may change train.steps and other settings that leave the math alone")
+    parser.add_argument("--config", metavar="FILE",
+                        help="settings from a YAML or JSON file (section: {field: value}), applied over the preset "
+                             "and under --mode / --set")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML (a file --config takes back) and exit")
     parser.add_argument("--mode", help="cpu | colocated | split (shorthand for --set run.mode=...)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one setting; repeatable")
@@ -29,16 +36,26 @@ def parse_args(argv: list[str] | None = None) -> Config:
                         help="benchmark mode: timed steps per phase with a roofline (opd/bench.py, bench.* settings)")
     args = parser.parse_args(argv)
     args.set += ["bench.enabled=true"] if args.bench else []
-    if args.resume and (args.preset or args.mode):
-        raise ConfigError("--resume continues a run with its own config (RUN_DIR/config.json): drop --preset / --mode")
+    if args.resume and (args.preset or args.mode or args.config):
+        raise ConfigError("--resume continues a run with its own config (RUN_DIR/config.json): "
+                          "drop --preset / --mode / --config")
     if args.resume:
         from opd.checkpoint import load_run_config
 
         cfg = load_run_config(args.resume)
     else:
         cfg = preset(args.preset or "tiny_cpu")
+    if args.config:
+        from opd.configfile import load_tree, merge
+
+        cfg = merge(cfg, load_tree(args.config), f"--config {args.config}")
     for assignment in ([f"run.mode={args.mode}"] if args.mode else []) + args.set:
         cfg = override(cfg, assignment)
+    if args.print_config:
+        from opd.configfile import to_yaml
+
+        print(to_yaml(cfg), end="")
+        raise SystemExit(0)
     return cfg
 
 
