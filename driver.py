@@ -64,6 +64,9 @@ def run(cfg: Config) -> dict:
 
     prepared = preflight(cfg)  # every refusal happens here, before Ray starts
     run_dir = prepared.run_dir
+    from opd.trackers import Trackers
+
+    trackers = Trackers(cfg, run_dir)  # run.loggers, opened before Ray starts: a tracker that fails, fails first
     import ray
     from tqdm import tqdm
 
@@ -86,7 +89,7 @@ def run(cfg: Config) -> dict:
         # --resume: the learner's weights (in place), optimizer, scheduler and RNG, the data cursor and the step;
         # before the first sync below hands the weights to the engine
         start = checkpoints.restore(prepared.resume_from)
-        log = RunLog(run_dir)
+        log = RunLog(run_dir, trackers)
         log.log_data_counts(prepared.prompts.counts)
 
         # The teacher's output head reaches the learner once (frozen); the learner's weights reach the engine
@@ -158,6 +161,7 @@ def run(cfg: Config) -> dict:
         log.close()
         plot_learning_curve(run_dir)
     finally:
+        trackers.close()  # after log.close(), nothing is left open; on an error, what was logged is kept
         if actors is not None:
             actors.shutdown()
         if started_ray:

@@ -19,6 +19,7 @@ ENGINES = ("hf", "sglang")
 SAMPLERS = ("auto", "torch", "flashinfer")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 class ConfigError(ValueError):
@@ -190,8 +191,14 @@ class RunConfig:
     # cpu / colocated: a rollout or teacher actor that dies is restarted (Ray max_restarts) up to this many times
     # and the step retried; 0 turns it off
     max_actor_restarts: int = 3
+    # experiment trackers beside the run directory's files, comma-separated: tensorboard, wandb, mlflow
+    # (opd/trackers.py; each an optional extra)
+    loggers: str = ""
 
     def __post_init__(self):
+        unknown = [n for n in (x.strip() for x in self.loggers.split(",")) if n and n not in TRACKERS]
+        _require(not unknown, f"run.loggers: {', '.join(map(repr, unknown))} unknown: use any of "
+                              f"{', '.join(TRACKERS)}, comma-separated (the run directory's files are always written)")
         _require(self.max_actor_restarts >= 0, f"run.max_actor_restarts={self.max_actor_restarts} must be >= 0")
         _require(self.rollout_replicas > 0, f"run.rollout_replicas={self.rollout_replicas} must be > 0")
         _require(self.teacher_replicas > 0, f"run.teacher_replicas={self.teacher_replicas} must be > 0")

@@ -60,8 +60,10 @@ class SkipGuard:
 
 
 class RunLog:
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
+    """metrics.jsonl and eval.jsonl, line by line, and the same records to the run's trackers (opd/trackers.py)."""
+
+    def __init__(self, run_dir: Path, trackers=None):
+        self.run_dir, self.trackers = run_dir, trackers
         # a resumed run's evaluations so far (its preflight dropped the records of steps after the checkpoint)
         self.eval_rows = read_jsonl(run_dir / "eval.jsonl") if (run_dir / "eval.jsonl").exists() else []
         self._steps = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: a crash loses no line
@@ -69,6 +71,8 @@ class RunLog:
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         self._steps.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(step, metrics)
 
     def log_data_counts(self, counts: dict[str, int]) -> None:
         """Data counters (prompts kept, skipped for length, ...) once per run, next to the config."""
@@ -76,6 +80,8 @@ class RunLog:
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         self._evals.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(step, metrics)
 
     def close(self) -> None:
         self._steps.close()

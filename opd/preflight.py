@@ -75,10 +75,12 @@ def preflight(cfg: Config) -> Prepared:
 
     from actors.common import quiet_transformers
     from cluster.resources import check_devices
+    from opd import trackers
     from opd.models import ModelError, check_compatible, load_tokenizer
 
     quiet_transformers()  # its warnings would bury the one line a refusal prints
     check_devices(cfg)  # first: the most basic refusal
+    trackers.check(cfg)  # run.loggers: their packages are installed
     sources = {side: _model_source(cfg, side) for side in ("student", "teacher")}
     try:
         tokenizers = {side: load_tokenizer(src) for side, src in sources.items()}
