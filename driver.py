@@ -74,6 +74,7 @@ def run(cfg: Config) -> dict:
     from opd.data import PromptStream, student_ids, teacher_ids
     from opd.evaluation import evaluate
     from opd.checkpoint import Checkpoints
+    from opd import report
     from opd.metrics import RunLog, SkipGuard, plot_learning_curve
     from actors.common import model_source
     from opd.models import load_tokenizer
@@ -160,6 +161,7 @@ def run(cfg: Config) -> dict:
             checkpoints.after_step(step)  # every train.save_every steps and at the end, after that step's eval
         log.close()
         plot_learning_curve(run_dir)
+        report.write(run_dir)  # report.html: summary, curves, checkpoints, config
     finally:
         trackers.close()  # after log.close(), nothing is left open; on an error, what was logged is kept
         if actors is not None:

@@ -1,10 +1,12 @@
 """run.loggers: TensorBoard, Weights & Biases (offline) and MLflow (local file store) get the run's metrics under
-the names and steps of metrics.jsonl / eval.jsonl, and the resolved config as hyper-parameters."""
+the names and steps of metrics.jsonl / eval.jsonl, and the resolved config as hyper-parameters. The run goes
+through the `opd train` console script, and leaves its report.html."""
 
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +21,8 @@ def test_a_run_with_all_three_trackers(root, tmp_path, monkeypatch):
     args = ["--set", "train.steps=3", "--set", "train.eval_every=2", "--set", "train.prompts_per_step=8",
             "--set", "data.num_eval_prompts=16", "--set", f"run.out_dir={tmp_path}", "--set", "run.name=tracked",
             "--set", "run.progress=false", "--set", "run.loggers=tensorboard,wandb,mlflow"]
-    out = subprocess.run([sys.executable, "driver.py", *args], cwd=root, env=env, capture_output=True, text=True,
+    opd = Path(sys.executable).parent / "opd"  # the console script, from another directory than the project's
+    out = subprocess.run([str(opd), "train", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run_dir = tmp_path / "tracked"
@@ -64,6 +67,7 @@ def test_a_run_with_all_three_trackers(root, tmp_path, monkeypatch):
     assert [h[0] for h in history] == [r["step"] for r in steps]
     assert [h[1] for h in history] == pytest.approx([r["loss"] for r in steps], rel=1e-6)
     assert not math.isnan(run.data.metrics["eval/accuracy/teacher"])
+    assert (run_dir / "report.html").is_file() and "Learning curves" in (run_dir / "report.html").read_text()
 
 
 def test_unknown_or_missing_trackers_are_refused_before_anything_runs(monkeypatch):

@@ -1,0 +1,72 @@
+"""`opd`: one command for everything a run needs (the console script of pyproject.toml).
+
+    opd train [--preset NAME] [--config FILE] [--set a.b=v ...]   # python driver.py ...
+    opd bench [same options]                                     # python driver.py --bench ...
+    opd report runs/<name>                                       # runs/<name>/report.html, written again
+    opd memory --preset NAME --gpu-gib 80                        # the memory plan of a config on a device
+    opd kernels-bench ...                                        # the loss kernels' benchmark
+    opd side-by-side                                             # this project and TRL's GKD, side by side
+
+`python driver.py ...` and `ray job submit -- python driver.py ...` keep working as they are.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def _train(argv: list[str]) -> int:
+    import driver
+
+    return driver.main(argv)
+
+
+def _bench(argv: list[str]) -> int:
+    import driver
+
+    return driver.main(["--bench", *argv])
+
+
+def _report(argv: list[str]) -> int:
+    from opd.report import main
+
+    return main(argv)
+
+
+def _memory(argv: list[str]) -> int:
+    from opd.memory import main
+
+    return main(argv)
+
+
+def _kernels_bench(argv: list[str]) -> int:
+    from kernels.bench import main
+
+    return main(argv)
+
+
+def _side_by_side(argv: list[str]) -> int:
+    from opd.side_by_side import main
+
+    return main(argv)
+
+
+COMMANDS = {"train": _train, "bench": _bench, "report": _report, "memory": _memory,
+            "kernels-bench": _kernels_bench, "side-by-side": _side_by_side}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: opd {command}: no such command; use one of {', '.join(COMMANDS)} (opd --help)",
+              file=sys.stderr)
+        return 2
+    return COMMANDS[command](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
