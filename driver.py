@@ -5,7 +5,7 @@
     python driver.py --config configs/smollm2_cpu.yaml    # settings from a YAML / JSON file (over the preset)
     python driver.py --preset smollm2_cpu --print-config  # the resolved config as YAML, nothing run
     python driver.py --resume runs/<name>                 # continue a run from its latest checkpoint
-    ray job submit --working-dir . -- python driver.py --set run.out_dir=$PWD/runs
+    ray job submit --working-dir . -- $PWD/.venv/bin/python driver.py --set run.out_dir=$PWD/runs
 """
 
 from __future__ import annotations

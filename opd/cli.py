@@ -7,7 +7,7 @@
     opd kernels-bench ...                                        # the loss kernels' benchmark
     opd side-by-side                                             # this project and TRL's GKD, side by side
 
-`python driver.py ...` and `ray job submit -- python driver.py ...` keep working as they are.
+`python driver.py ...` and `ray job submit -- $PWD/.venv/bin/python driver.py ...` keep working as they are.
 """
 
 from __future__ import annotations

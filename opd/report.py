@@ -30,8 +30,11 @@ def _figure(draw, width: float = 6.0, height: float = 3.2) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(width, height))
     draw(ax)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.StringIO()
