@@ -5,16 +5,20 @@ Only what the test adds to the README's lines: `--block` on `ray start` (the hea
 process group, which the test stops by signalling that group: only what it started is stopped; `ray stop` would
 stop every Ray of the user), and `--set` overrides after the README's submit command (2 steps, the run
 directory in a temporary folder; later `--set`s win). PATH is the machine's, HOME a temporary folder (the token
-goes there; a token another Ray left in ~/.ray must not decide the outcome). The job agent may answer "No
+goes there; a token another Ray left in ~/.ray must not decide the outcome), and so is RAY_TMPDIR (the head's
+session and the address file `ray start` leaves, which later tests' `ray.init()` would otherwise try to join). The job agent may answer "No
 available agent to submit job" for a while after the head starts (and find no Ray before that): the submission
 is repeated on those answers alone, within a bound (nothing was started), as the README says.
 """
 
 import os
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -38,7 +42,10 @@ def test_readme_ray_job_commands_run_the_default(root, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VIRTUAL_ENV"))}
-    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
+    # RAY_TMPDIR: the head's session and its address file (ray_current_cluster, which a later address-less
+    # ray.init() would join) stay in a folder of this test's; short, as Ray's socket paths must stay < 108 bytes
+    ray_tmp = tempfile.mkdtemp(prefix="opd-ray-", dir="/tmp")
+    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=ray_tmp)
 
     def shell(command, **kw):
         return subprocess.run(["bash", "-c", command], cwd=root, env=env, capture_output=True, text=True, **kw)
@@ -65,12 +72,14 @@ def test_readme_ray_job_commands_run_the_default(root, tmp_path):
         assert "succeeded" in log and f"run directory: {out_dir / 'job'}" in log, log[-4000:]
         assert (out_dir / "job" / "checkpoints" / "step_2" / "config.json").is_file()  # the final checkpoint
         assert (out_dir / "job" / "report.html").is_file()
+        assert (Path(ray_tmp) / "ray" / "ray_current_cluster").is_file()  # the head's address file is ours
         # token auth was on: a client without the token is turned away
         refused = subprocess.run(["bash", "-c", ".venv/bin/ray job list"], cwd=root, capture_output=True, text=True,
                                  env={**env, "HOME": str(tmp_path)}, timeout=120)  # no token here
         assert refused.returncode != 0, refused.stdout
     finally:
         _stop_group(head)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _stop_group(head: subprocess.Popen) -> None:
