@@ -12,47 +12,14 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 
-def _train(argv: list[str]) -> int:
-    import driver
-
-    return driver.main(argv)
-
-
-def _bench(argv: list[str]) -> int:
-    import driver
-
-    return driver.main(["--bench", *argv])
-
-
-def _report(argv: list[str]) -> int:
-    from opd.report import main
-
-    return main(argv)
-
-
-def _memory(argv: list[str]) -> int:
-    from opd.memory import main
-
-    return main(argv)
-
-
-def _kernels_bench(argv: list[str]) -> int:
-    from kernels.bench import main
-
-    return main(argv)
-
-
-def _side_by_side(argv: list[str]) -> int:
-    from opd.side_by_side import main
-
-    return main(argv)
-
-
-COMMANDS = {"train": _train, "bench": _bench, "report": _report, "memory": _memory,
-            "kernels-bench": _kernels_bench, "side-by-side": _side_by_side}
+# command -> (the module whose main() runs it, arguments put before the user's); imported only when used
+COMMANDS = {"train": ("driver", []), "bench": ("driver", ["--bench"]), "report": ("opd.report", []),
+            "memory": ("opd.memory", []), "kernels-bench": ("kernels.bench", []),
+            "side-by-side": ("opd.side_by_side", [])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: opd {command}: no such command; use one of {', '.join(COMMANDS)} (opd --help)",
               file=sys.stderr)
         return 2
-    return COMMANDS[command](rest)
+    module, prefix = COMMANDS[command]
+    return importlib.import_module(module).main([*prefix, *rest])
 
 
 if __name__ == "__main__":

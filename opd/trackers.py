@@ -22,9 +22,6 @@ from pathlib import Path
 
 from opd.config import Config, ConfigError
 
-MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # run.loggers name -> its package
-
-
 def names(cfg: Config) -> list[str]:
     return [n.strip() for n in cfg.run.loggers.split(",") if n.strip()]
 
@@ -32,7 +29,7 @@ def names(cfg: Config) -> list[str]:
 def check(cfg: Config) -> None:
     """Refuse a tracker whose package is missing, with the install command (the names are checked by RunConfig)."""
     for name in names(cfg):
-        if importlib.util.find_spec(MODULES[name]) is None:
+        if importlib.util.find_spec(name) is None:  # each tracker's package is named like it
             raise ConfigError(f"run.loggers={name} needs the {name} package: pip install -e \".[{name}]\"")
 
 
