@@ -32,7 +32,10 @@ def evaluate(actors, prompt_set: PromptSet, tokenizer: PreTrainedTokenizerBase, 
     teacher = None if teacher_accuracy is not None else actors.teacher.generate.remote(
         teacher_prompts or prompts, max_new_tokens=max_new_tokens)
     out = {"eval/accuracy/student": accuracy(ray.get(greedy), prompt_set, tokenizer)}
+    # the learner's result before the teacher's answers: in split mode the teacher runs `generate` only after its
+    # hidden-state sends, which a learner that failed never receives; its error is raised here instead of a hang
+    kl_metrics = ray.get(kl)
     out["eval/accuracy/teacher"] = (teacher_accuracy if teacher is None
                                     else accuracy(ray.get(teacher), prompt_set, tokenizer))
-    out.update({f"eval/{k}": v for k, v in ray.get(kl).items()})
+    out.update({f"eval/{k}": v for k, v in kl_metrics.items()})
     return out
