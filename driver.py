@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one setting; repeatable")
     parser.add_argument("--bench", action="store_true",
-                        help="benchmark mode: timed steps per phase with a roofline (opd/bench.py, bench.* settings)")
+                        help="benchmark mode: timed steps per phase with a roofline (programs/bench.py, bench.* settings)")
     args = parser.parse_args(argv)
     args.set += ["bench.enabled=true"] if args.bench else []
     if args.resume and (args.preset or args.mode or args.config):
@@ -71,13 +71,12 @@ def run(cfg: Config) -> dict:
     from tqdm import tqdm
 
     from cluster import topology
-    from opd.data import PromptStream, student_ids, teacher_ids
-    from opd.evaluation import evaluate
+    from opd.prompt_sets import PromptStream, student_ids, teacher_ids
+    from programs.evaluation import evaluate
     from opd.checkpoint import Checkpoints
     from opd import report
     from opd.metrics import RunLog, SkipGuard, plot_learning_curve
-    from actors.common import model_source
-    from opd.models import load_tokenizer
+    from opd.models import load_tokenizer, model_source
 
     started_ray = topology.connect(cfg)
     actors = None
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         if cfg.bench.enabled:
-            from opd.bench import run_bench
+            from programs.bench import run_bench
 
             run_bench(cfg)
         else:

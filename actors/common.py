@@ -6,9 +6,9 @@ import os
 
 import torch
 
-from cluster.resources import uses_gpus
 from opd.config import Config, resolve_path
-from opd.models import load_model, load_tokenizer
+from opd.modes import uses_gpus
+from opd.models import load_model, load_tokenizer, model_source, quiet_transformers
 
 
 def init_process(cfg: Config) -> None:
@@ -33,23 +33,9 @@ def return_cached_memory(cfg: Config, device: torch.device) -> None:
 
 def join_groups(self, spec, me: int) -> None:
     """split mode (an actor method): join the run's collective groups as global member `me`."""
-    from cluster import groups
+    from transport import groups
 
     groups.join(spec, me)
-
-
-def quiet_transformers() -> None:
-    """No per-actor progress bars or info chatter on the driver's console (Ray forwards actor output)."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def model_source(name: str) -> str:
-    """A model setting as transformers takes it: the project-relative folder if it exists, else the hub id."""
-    path = resolve_path(name)
-    return str(path) if path.exists() else name
 
 
 def special_ids(model_name: str) -> tuple[int, int, int]:

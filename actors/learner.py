@@ -1,6 +1,6 @@
 """LearnerActor: the student forward, the chunked divergence to the teacher, the optimizer step.
 
-Its parameters live in a shared flat buffer that the cpu-mode rollout engine maps (cluster/weights.py), so
+Its parameters live in a shared flat buffer that the cpu-mode rollout engine maps (transport/weights.py), so
 the optimizer step *is* the weight update; `export_weights` only says which version that is.
 """
 
@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 from transformers import get_scheduler
 
-from actors.common import actor_device, init_process, join_groups, load, model_source, special_ids
+from actors.common import actor_device, init_process, join_groups, load, special_ids
 from actors.common import memory_stats, reset_peak_memory, return_cached_memory
-from cluster import transport, weights
 from kernels.chunked import chunked_divergence, chunked_sampled_rkl, chunked_token_logprobs
 from opd import checkpoint
 from opd.batch import OutputHead, PackedRows, RolloutBatch, TeacherScores, padding_waste
 from opd.config import Config
-from opd.models import DTYPES
+from opd.models import DTYPES, model_source
+from transport import hidden_states, weights
 
 
 class LearnerActor:
@@ -135,8 +135,8 @@ class LearnerActor:
             raise RuntimeError(f"the teacher's part {part.micro_batch} does not cover the learner's micro-batch {k}: "
                                f"teacher and learner must plan with the same learner.micro_batch_tokens")
         return TeacherScores(part.policy_version, k, part.token_index,
-                             hidden_states=transport.fetch(part.hidden_states, self.device),
-                             token_logprobs=transport.fetch(part.token_logprobs, self.device)).check(batch)
+                             hidden_states=hidden_states.fetch(part.hidden_states, self.device),
+                             token_logprobs=hidden_states.fetch(part.token_logprobs, self.device)).check(batch)
 
     def _plan(self, batch: RolloutBatch, parts: Sequence) -> list[PackedRows]:
         packs = batch.micro_batches(self.cfg.learner.micro_batch_tokens)

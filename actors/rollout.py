@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from actors.common import actor_device, init_process, join_groups, load, model_source, special_ids
+from actors.common import actor_device, init_process, join_groups, load, special_ids
 from actors.common import memory_stats, reset_peak_memory, return_cached_memory
 from actors.engines.hf import HFEngine, resolve_sampler
-from cluster.weights import WeightUpdate
 from opd.batch import RolloutBatch
 from opd.config import Config
+from opd.models import model_source
+from transport.weights import WeightUpdate
 
 
 class RolloutActor:

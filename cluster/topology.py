@@ -15,13 +15,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.learner import LearnerActor
 from actors.rollout import RolloutActor
 from actors.teacher import TeacherActor
-from cluster.resources import hidden_transport, placement_plan, uses_gpus
-from cluster.groups import GroupSpec
-from cluster.transport import HIDDEN_GROUP
-from cluster.weights import WEIGHTS_GROUP
+from cluster.placement import placement_plan
 from opd.batch import RolloutBatch
 from opd.config import PROJECT_ROOT, Config, ConfigError
 from opd.metrics import RunStopped
+from opd.modes import hidden_transport, uses_gpus
+from transport.groups import GroupSpec
+from transport.hidden_states import HIDDEN_GROUP
+from transport.weights import WEIGHTS_GROUP
 
 PLACEMENT_TIMEOUT_S = 120
 RECOVER_TIMEOUT_S = 300  # a restarted actor reloads its model
@@ -80,7 +81,7 @@ def _merge_rollouts(offsets: list[int], *parts: RolloutBatch) -> RolloutBatch:
 @dataclass
 class Actors:
     """The run's actors and the phases of a step over them. The driver calls these and never sees how many
-    replicas there are or how tensors travel between them (cluster/resources.py, cluster/transport.py)."""
+    replicas there are or how tensors travel between them (cluster/placement.py, transport/)."""
 
     cfg: Config
     rollouts: list[ray.actor.ActorHandle]
@@ -202,7 +203,7 @@ def _when_back(methods: list) -> list:
 
 
 def launch(cfg: Config) -> Actors:
-    """One placement group per run, laid out by cluster/resources.py's plan for the mode; in split mode the
+    """One placement group per run, laid out by cluster/placement.py's plan for the mode; in split mode the
     collective groups (learner -> engines for weights, teachers -> learner for hidden states) are joined here."""
     r = cfg.run
     plan = placement_plan(r.mode, r.cpus_per_actor, use_gpus=uses_gpus(cfg), rollout_replicas=r.rollout_replicas,

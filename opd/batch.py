@@ -218,7 +218,7 @@ class TeacherScores:
     token_index: Tensor  # [n] int64: its response tokens' indices in the batch's `response_ids` order
     # [n, d_teacher] in the teacher's dtype (fp32 / bf16 / fp16), final (normed) hidden states, ordered like
     # token_index; the learner's loss widens them to fp32 one chunk at a time. In the GPU modes a
-    # cluster.transport.RemoteTensor (same shape and dtype) that the learner fetches
+    # transport.hidden_states.RemoteTensor (same shape and dtype) that the learner fetches
     hidden_states: Tensor | None = None
     token_logprobs: Tensor | None = None  # [n] fp32, log p_T(sampled token) at loss temperature
 

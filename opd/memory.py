@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opd.config import Config, ConfigError, resolve_path
+from opd.modes import uses_gpus
 from opd.roofline import DecoderShape
 
 GIB = 1 << 30
@@ -79,11 +80,6 @@ class Device:
     @classmethod
     def cpu(cls, total_bytes: int | None = None) -> Device:
         return cls("cpu", "RAM", int(total_bytes if total_bytes is not None else ram_bytes()))
-
-
-def uses_gpus(cfg: Config) -> bool:
-    """A GPU mode on its GPUs (cluster.resources says the same; this library does not import placement)."""
-    return cfg.run.mode in ("colocated", "split") and cfg.run.device == "auto"
 
 
 def ram_bytes() -> int:
@@ -449,7 +445,7 @@ def actor_plans(cfg: Config, student: Arch, teacher: Arch, step: Step, device: D
     tm, tn, tpacked = step.micro_batch(cfg.teacher.micro_batch_tokens,
                                        math.ceil(step.num_sequences / cfg.run.teacher_replicas))
     teacher_terms = [Term("weights", teacher.params * b, "model", True), framework]
-    if mode == "cpu":  # hidden states through the object store (cluster/resources.py hidden_transport)
+    if mode == "cpu":  # hidden states through the object store (opd/modes.py hidden_transport)
         # streamed: a row's states until its micro-batches' parts are yielded, and the part being yielded
         teacher_terms.append(Term("states in flight", (tn + n) * state_bytes, "micro-batch tokens",
                                   setting="teacher.micro_batch_tokens / learner.micro_batch_tokens"))

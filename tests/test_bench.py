@@ -12,7 +12,7 @@ import driver
 from actors.common import load
 from actors.engines.hf import HFEngine
 from opd import roofline, shapes
-from opd.bench import load_schema
+from programs.bench import load_schema
 from opd.config import preset
 
 
@@ -31,7 +31,7 @@ def _square_minus_causal(shape: roofline.DecoderShape, batch: int, seq_len: int)
 
 @pytest.mark.slow
 def test_cpu_bench_writes_json_that_matches_the_schema(root, tmp_path, monkeypatch, capsys):
-    from opd import bench
+    from programs import bench
 
     real_memory = bench._memory
 

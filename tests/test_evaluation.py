@@ -13,8 +13,8 @@ from actors.engines.hf import HFEngine
 from opd import toy
 from opd.batch import RolloutBatch
 from opd.config import DataConfig
-from opd.data import build_prompt_set, student_ids
-from opd.evaluation import accuracy
+from opd.prompt_sets import build_prompt_set, student_ids
+from programs.evaluation import accuracy
 
 
 @pytest.fixture(scope="module")

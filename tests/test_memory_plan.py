@@ -247,13 +247,3 @@ def test_the_gpu_is_read_from_nvidia_smi(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert memory.detect(preset("qwen25_1p5b_from_7b")).name == "NVIDIA H100 80GB HBM3"
     assert memory.detect(tiny_cpu()).kind == "cpu"
-
-
-def test_the_plans_gpu_test_is_placements():
-    """opd/memory.py does not import placement (a floor above it): its `uses_gpus` must agree with cluster's."""
-    from cluster.resources import uses_gpus
-
-    for mode in ("cpu", "colocated", "split"):
-        for device in ("auto", "cpu"):
-            cfg = _with(tiny_cpu(), f"run.mode={mode}", f"run.device={device}")
-            assert memory.uses_gpus(cfg) == uses_gpus(cfg), (mode, device)

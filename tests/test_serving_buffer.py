@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from cluster.weights import FlatLayout, ServingBuffer, plan_buckets
+from transport.weights import FlatLayout, ServingBuffer, plan_buckets
 
 
 def _model(root):

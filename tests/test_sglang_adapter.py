@@ -449,7 +449,7 @@ def _rollout_actor_with_fake(mode, streams=()):
 
 @pytest.mark.filterwarnings("ignore:SGLangEngine.generate. seed is ignored")
 def test_rollout_actor_sync_and_memory_order_with_sglang():
-    from cluster.weights import BroadcastSpec, FlatLayout, WeightUpdate
+    from transport.weights import BroadcastSpec, FlatLayout, WeightUpdate
 
     actor, fake = _rollout_actor_with_fake("colocated", streams=[[5, 6, 7], [8, EOS]])
     assert actor.load_weights(WeightUpdate(1, sglang_buckets=(["payload-0"], ["payload-1"]))) == 1

@@ -1,12 +1,12 @@
-"""Modes -> placement: bundles, strategies and per-actor shares (no Ray needed); device checks."""
+"""Modes -> placement: bundles, strategies and per-actor shares (no Ray needed); what each mode needs, device checks."""
 
 import dataclasses
 
 import pytest
 
-from cluster import resources
-from cluster.resources import ConfigError, placement_plan
-from opd.config import preset
+from cluster.placement import placement_plan
+from opd import modes
+from opd.config import ConfigError, preset
 
 
 def _places(plan):
@@ -86,25 +86,34 @@ def test_gpu_mode_without_gpus_is_one_clear_error(mode, needed, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(ConfigError, match=rf"run.mode={mode} needs {needed} GPU\(s\), this machine has 0"):
-        resources.check_devices(_cfg(mode))
-    resources.check_devices(_cfg(mode, device="cpu"))  # the plumbing on CPU needs none
+        modes.check_devices(_cfg(mode))
+    modes.check_devices(_cfg(mode, device="cpu"))  # the plumbing on CPU needs none
 
 
 def test_split_counts_a_gpu_per_replica_pair(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
-    resources.check_devices(_cfg("split"))
-    resources.check_devices(_cfg("colocated", rollout_replicas=2, teacher_replicas=2))
+    modes.check_devices(_cfg("split"))
+    modes.check_devices(_cfg("colocated", rollout_replicas=2, teacher_replicas=2))
     with pytest.raises(ConfigError, match=r"needs 3 GPU\(s\), this machine has 2"):
-        resources.check_devices(_cfg("split", rollout_replicas=2))
+        modes.check_devices(_cfg("split", rollout_replicas=2))
+
+
+@pytest.mark.parametrize("mode,device,gpus,transport", [
+    ("cpu", "auto", False, "object_store"), ("cpu", "cpu", False, "object_store"),
+    ("colocated", "auto", True, "ipc"), ("colocated", "cpu", False, "ipc"),
+    ("split", "auto", True, "collective"), ("split", "cpu", False, "collective")])
+def test_each_mode_says_whether_it_uses_gpus_and_how_states_travel(mode, device, gpus, transport):
+    cfg = _cfg(mode, device=device)
+    assert (modes.uses_gpus(cfg), modes.hidden_transport(cfg)) == (gpus, transport)
 
 
 def test_sglang_needs_a_gpu_mode():
     cfg = _cfg("colocated", device="cpu")
     cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, engine="sglang"))
     with pytest.raises(ConfigError, match="rollout.engine=sglang needs a GPU mode"):
-        resources.check_devices(cfg)
+        modes.check_devices(cfg)
 
 
 def test_overlap_needs_split_mode():

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from actors.learner import LearnerActor
 from actors.rollout import RolloutActor
-from cluster import weights
+from transport import weights
 from opd.config import override, tiny_cpu
 
 

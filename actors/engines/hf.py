@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from cluster.weights import (ServingBuffer, WeightUpdate, attach_parameters, attach_serving, bind_to_buffer,
-                             broadcast_buckets)
 from opd.batch import RolloutBatch
+from transport.weights import (ServingBuffer, WeightUpdate, attach_parameters, attach_serving, bind_to_buffer,
+                               broadcast_buckets)
 
 
 def resolve_sampler(name: str, device: torch.device) -> str | None:

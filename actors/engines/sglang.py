@@ -55,7 +55,7 @@ MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # sglang/srt/constants.py; 
 LOAD_FORMATS = (None, "direct", "flattened_bucket")
 
 
-# ---------------------------------------------------------------- weight updates (to move to cluster/weights.py)
+# ---------------------------------------------------------------- weight updates (to move to transport/weights.py)
 
 Bucket = Sequence[tuple[str, torch.Tensor]] | Sequence[bytes | str]
 

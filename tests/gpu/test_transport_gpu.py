@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cluster import weights
-from cluster.transport import Outbox
+from transport import weights
+from transport.hidden_states import Outbox
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 1 CUDA GPU")
 

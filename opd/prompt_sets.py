@@ -43,7 +43,7 @@ def build_prompt_set(data: DataConfig, seed: int, student_tokenizer: PreTrainedT
 
         return PromptSet(train=prompts("train"), eval=prompts("eval")[: data.num_eval_prompts], checker=_toy_checker)
 
-    from opd.datasets import DatasetError, load_records, split_records
+    from opd.prompt_files import DatasetError, load_records, split_records
 
     try:
         loaded = load_records(resolve_path(data.source))

@@ -1,4 +1,4 @@
-"""opd/datasets.py: every accepted format, field precedence, skipped rows, every error, the seeded split, and the
+"""opd/prompt_files.py: every accepted format, field precedence, skipped rows, every error, the seeded split, and the
 shipped arithmetic prompt set."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from opd.datasets import (ANSWER_FIELDS, PROMPT_FIELDS, DatasetError, LoadedRecords, PromptRecord, load_records,
+from opd.prompt_files import (ANSWER_FIELDS, PROMPT_FIELDS, DatasetError, LoadedRecords, PromptRecord, load_records,
                           split_records)
 
 

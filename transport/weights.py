@@ -180,11 +180,11 @@ def broadcast_buckets(buffer: ServingBuffer, buckets: list[range] | tuple[range,
     engine rank receives each bucket straight into its own buffer (an hf engine whose parameters are the
     buffer's views, see `bind_to_buffer`, then holds the new weights with no further copy).
 
-    NCCL through cupy on GPUs (`ray.util.collective`), gloo on CPU (cluster/groups.py). Ray's NCCL broadcast returns once
+    NCCL through cupy on GPUs (`ray.util.collective`), gloo on CPU (transport/groups.py). Ray's NCCL broadcast returns once
     the copy is enqueued on its own stream and does not record it: synchronise before the buffer is reused.
     `process_group`: a torch.distributed group instead (the learner's end of an sglang weight-update group).
     """
-    from cluster import groups
+    from transport import groups
 
     for indices in buckets:
         tensor, _ = buffer.bucket(indices)

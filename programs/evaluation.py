@@ -8,7 +8,7 @@ import ray
 from transformers import PreTrainedTokenizerBase
 
 from opd.batch import RolloutBatch
-from opd.data import PromptSet, student_ids, teacher_ids
+from opd.prompt_sets import PromptSet, student_ids, teacher_ids
 
 EVAL_SEED = 1_234_567  # held-out samples use their own seed, so evaluation does not shift training's
 

@@ -45,7 +45,7 @@ ROLES = ("rollout", "teacher", "learner")
 def prepare(cfg: Config) -> tuple[Config, Path, int]:
     """The bench's refusals and set-up before Ray starts: fixed-length responses, the shapes' model folders,
     the run directory. Returns the resolved config, the run directory and the valid vocabulary size."""
-    from cluster.resources import check_devices
+    from opd.modes import check_devices
     from opd.metrics import write_json_atomic
     from opd.preflight import make_run_dir
     from opd.shapes import build_pair
@@ -73,8 +73,7 @@ def prepare(cfg: Config) -> tuple[Config, Path, int]:
 def _check_models(cfg: Config) -> int:
     from transformers import AutoConfig
 
-    from actors.common import model_source, quiet_transformers
-    from opd.models import ModelError, check_compatible, load_tokenizer
+    from opd.models import ModelError, check_compatible, load_tokenizer, model_source, quiet_transformers
 
     quiet_transformers()
     sources = [model_source(cfg.model.student), model_source(cfg.model.teacher)]
@@ -184,7 +183,7 @@ def _steps(cfg: Config, actors, valid_vocab: int) -> tuple[list[dict], dict]:
 def _shape(name: str) -> roofline.DecoderShape:
     from transformers import AutoConfig
 
-    from actors.common import model_source
+    from opd.models import model_source
 
     config = AutoConfig.from_pretrained(model_source(name))
     return roofline.DecoderShape.of(config.get_text_config() if hasattr(config, "get_text_config") else config)

@@ -19,7 +19,7 @@ import sys
 # command -> (the module whose main() runs it, arguments put before the user's); imported only when used
 COMMANDS = {"train": ("driver", []), "bench": ("driver", ["--bench"]), "report": ("opd.report", []),
             "memory": ("opd.memory", []), "kernels-bench": ("kernels.bench", []),
-            "side-by-side": ("opd.side_by_side", [])}
+            "side-by-side": ("programs.side_by_side", [])}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,52 +1,11 @@
-"""What each mode needs from the machine; checked before Ray starts (this module does not import Ray)."""
+"""Where each actor goes: the run's placement group, its bundles and each replica's share of them, per mode.
+Computed before Ray starts (this module does not import Ray); cluster/topology.py makes the group."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from opd.config import Config, ConfigError
-
-GPUS_NEEDED = {"cpu": 0, "colocated": 1, "split": 2}  # with one rollout and one teacher replica
-
-
-def uses_gpus(cfg: Config) -> bool:
-    return GPUS_NEEDED[cfg.run.mode] > 0 and cfg.run.device == "auto"
-
-
-def gpus_needed(cfg: Config) -> int:
-    """colocated: one GPU for everything; split: the learner's GPU plus one per rollout/teacher pair."""
-    r = cfg.run
-    return {"cpu": 0, "colocated": 1, "split": 1 + max(r.rollout_replicas, r.teacher_replicas)}[r.mode]
-
-
-def check_devices(cfg: Config) -> None:
-    """Refuse a mode this machine cannot run, before Ray starts."""
-    if cfg.rollout.engine == "sglang":
-        if not uses_gpus(cfg):
-            raise ConfigError(f"rollout.engine=sglang needs a GPU mode (--mode colocated or split), not "
-                              f"run.mode={cfg.run.mode} with run.device={cfg.run.device}: use rollout.engine=hf")
-        import importlib.util
-
-        if importlib.util.find_spec("sglang") is None:
-            raise ConfigError("rollout.engine=sglang but sglang is not installed: pip install -e '.[gpu]' "
-                              "(or use --set rollout.engine=hf)")
-    if not uses_gpus(cfg):
-        return
-    import torch
-
-    needed = gpus_needed(cfg)
-    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    # On a Ray cluster the GPUs are the cluster's, not this machine's: placement reports a shortfall there.
-    if have < needed and not (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")):
-        raise ConfigError(f"run.mode={cfg.run.mode} needs {needed} GPU(s), this machine has {have}: use --mode cpu "
-                          f"(or --set run.device=cpu to run the mode's plumbing on the CPU)")
-
-
-def hidden_transport(cfg: Config) -> str:
-    """How the teacher's hidden states reach the learner: Ray's object store (cpu), a CUDA IPC handle (same GPU;
-    a shared-memory file with run.device=cpu), a collective send/recv (NCCL across GPUs; gloo on CPU)."""
-    return {"cpu": "object_store", "colocated": "ipc", "split": "collective"}[cfg.run.mode]
+from opd.config import MODES, ConfigError
 
 
 @dataclass(frozen=True)
@@ -78,7 +37,7 @@ def placement_plan(mode: str, cpus_per_actor: float, use_gpus: bool = True, *, r
     replica i and teacher replica i share GPU 1 + i (the two-GPU benchmark layout with one of each)."""
     c = cpus_per_actor
     counts = {"rollout": rollout_replicas, "teacher": teacher_replicas, "learner": 1}
-    if mode not in GPUS_NEEDED:
+    if mode not in MODES:
         raise ConfigError(f"run.mode={mode!r} is unknown: use cpu, colocated or split")
     if mode == "cpu" or not use_gpus:
         places, bundles = {}, []
