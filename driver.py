@@ -61,115 +61,170 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def run(cfg: Config) -> dict:
     from opd.preflight import preflight
-
-    prepared = preflight(cfg)  # every refusal happens here, before Ray starts
-    run_dir = prepared.run_dir
     from opd.trackers import Trackers
 
-    trackers = Trackers(cfg, run_dir)  # run.loggers, opened before Ray starts: a tracker that fails, fails first
+    prepared = preflight(cfg)  # every refusal happens here, before Ray starts
+    trackers = Trackers(cfg, prepared.run_dir)  # run.loggers, opened before Ray starts: one that fails, fails first
+    from cluster import topology  # Ray is imported only once the config has passed
+
+    try:
+        with topology.running(cfg) as actors:  # stops the actors, and a Ray it started, however the run ends
+            summary = train(cfg, prepared, actors, trackers)
+    finally:
+        trackers.close()  # after the run's log is closed; on an error, what was logged is kept
+    print_summary(summary)
+    return summary
+
+
+def train(cfg: Config, prepared, actors, trackers) -> dict:
+    """The run over its actors: evaluation before the first step, then each step logged, checked, evaluated
+    and checkpointed; the report at the end."""
     import ray
     from tqdm import tqdm
 
-    from cluster import topology
-    from opd.prompt_sets import PromptStream, student_ids, teacher_ids
-    from programs.evaluation import evaluate
-    from opd.checkpoint import Checkpoints
     from opd import report
+    from opd.checkpoint import Checkpoints
     from opd.metrics import RunLog, SkipGuard, plot_learning_curve
     from opd.models import load_tokenizer, model_source
+    from opd.prompt_sets import PromptStream
+    from programs.evaluation import HeldOut
 
-    started_ray = topology.connect(cfg)
-    actors = None
-    try:
-        actors = topology.launch(cfg)
-        tokenizer = load_tokenizer(model_source(cfg.model.student))
-        stream = PromptStream(prepared.prompts.train, cfg.train.seed)
-        skips = SkipGuard(cfg.train.max_consecutive_skips, run_dir)
-        checkpoints = Checkpoints(cfg, run_dir, actors.learner, stream, skips)
-        # --resume: the learner's weights (in place), optimizer, scheduler and RNG, the data cursor and the step;
-        # before the first sync below hands the weights to the engine
-        start = checkpoints.restore(prepared.resume_from)
-        log = RunLog(run_dir, trackers)
-        log.log_data_counts(prepared.prompts.counts)
+    run_dir, stream = prepared.run_dir, PromptStream(prepared.prompts.train, cfg.train.seed)
+    skips = SkipGuard(cfg.train.max_consecutive_skips, run_dir)
+    checkpoints = Checkpoints(cfg, run_dir, actors.learner, stream, skips)
+    # --resume: the learner's weights (in place), optimizer, scheduler and RNG, the data cursor and the step;
+    # before the first sync below hands the weights to the engine
+    start = checkpoints.restore(prepared.resume_from)
+    log = RunLog(run_dir, trackers)
+    log.log_data_counts(prepared.prompts.counts)
+    # The teacher's output head reaches the learner once (frozen); the learner's weights reach the engine
+    # once as a shared-buffer handle, after which a sync only publishes the version.
+    ray.get(actors.learner.set_teacher_head.remote(actors.teacher.output_head.remote()))
+    actors.sync()
+    held_out = HeldOut(cfg, actors, prepared.prompts, log, load_tokenizer(model_source(cfg.model.student)))
+    bar = tqdm(range(start + 1, cfg.train.steps + 1), desc="opd", disable=not cfg.run.progress, dynamic_ncols=True)
+    steps = Steps(cfg, actors, Rollouts(cfg, actors, stream), say=bar.write, run_dir=run_dir)
+    for step in bar:
+        metrics = steps.run(step)
+        log.log_step(step, metrics)
+        skips.check(step, metrics)  # stops the run after train.max_consecutive_skips skipped steps in a row
+        rkl = metrics.get("kl/reverse/mean", metrics.get("kl/reverse/sampled_mean"))
+        bar.set_postfix({"rkl": f"{rkl:.3f}", "len": f"{metrics['response/length/mean']:.1f}"})
+        if held_out.due(step):
+            last = held_out.run(step)
+            bar.write(f"step {step}: student accuracy {last['eval/accuracy/student']:.1%}, "
+                      f"held-out reverse KL {last['eval/kl/reverse/mean']:.4f}")
+        checkpoints.after_step(step)  # every train.save_every steps and at the end, after that step's eval
+    log.close()
+    plot_learning_curve(run_dir)
+    report.write(run_dir)  # report.html: summary, curves, checkpoints, config
+    return {"run_dir": str(run_dir), "checkpoint": checkpoints.last, "before": held_out.before, "after": held_out.last}
 
-        # The teacher's output head reaches the learner once (frozen); the learner's weights reach the engine
-        # once as a shared-buffer handle, after which a sync only publishes the version.
-        ray.get(actors.learner.set_teacher_head.remote(actors.teacher.output_head.remote()))
-        version = actors.sync()
 
-        def run_eval(step: int, teacher_accuracy=None) -> dict:
-            metrics = evaluate(actors, prepared.prompts, tokenizer, cfg.rollout.max_new_tokens, teacher_accuracy)
-            log.log_eval(step, metrics)
-            return metrics
+class Steps:
+    """The loop's steps, each its four phases. A rollout or teacher process that dies mid-step is restarted by
+    Ray and the phase retried (`_restarting`); with run.overlap the next step is sampled while the learner trains
+    (`Rollouts`)."""
 
-        # a resumed run's evaluations so far are in eval.jsonl (step 0's holds the teacher's accuracy)
-        before, last = (log.eval_rows[0], log.eval_rows[-1]) if log.eval_rows else (run_eval(0),) * 2
-        bar = tqdm(range(start + 1, cfg.train.steps + 1), desc="opd", disable=not cfg.run.progress, dynamic_ncols=True)
-        def seed_of(step: int) -> int:
-            return cfg.train.seed * 1_000_003 + step
+    def __init__(self, cfg: Config, actors, rollouts: Rollouts, *, say, run_dir):
+        self.cfg, self.actors, self.rollouts, self.say, self.run_dir = cfg, actors, rollouts, say, run_dir
+        self.restarts = 0
 
-        def rollout(step: int):
-            prompts = stream.next_batch(cfg.train.prompts_per_step)
-            return prompts, actors.generate(student_ids(prompts), seed=seed_of(step))
+    def run(self, step: int) -> dict:
+        """rollout -> teacher score -> learner step -> weight sync; the step's metrics with each phase's time."""
+        self.restarts, clock = 0, PhaseClock()
+        metrics = self._restarting(step, lambda retry: self._learn(step, clock, resample=retry))
+        version = self._restarting(step, lambda retry: clock.timed("sync", self.actors.sync))
+        if version != metrics["policy/version"]:
+            raise RuntimeError(f"engine holds weights v{version}, learner is at v{metrics['policy/version']}")
+        return {**metrics, **clock.timings(metrics["response/tokens/sum"]), "step/actor_restarts": float(self.restarts)}
 
-        upcoming = None  # run.overlap: the next step's rollout, sampled while the learner trains
-        for step in bar:
-            t0 = time.perf_counter()
-            # The engines hold version `version` (checked after the last sync): the samples are on-policy, or with
-            # run.overlap one version behind (sampled during the previous step's training).
-            prompts, batch = upcoming or rollout(step)
-            metrics, retries = None, 0
-            while True:
-                try:
-                    if metrics is None:  # not trained yet: (re)score and train; a retry resamples first
-                        ray.wait([batch], fetch_local=False)  # timing only: the batch goes actor to actor
-                        t1 = time.perf_counter()
-                        scores = actors.score(batch, teacher_prompts=teacher_ids(prompts))
-                        actors.wait_scored(scores)
-                        t2 = time.perf_counter()
-                        result = actors.train_step(batch, scores)
-                        upcoming = rollout(step + 1) if cfg.run.overlap and step < cfg.train.steps else None
-                        metrics = ray.get(result)
-                        t3 = time.perf_counter()
-                        if upcoming is not None:  # the next samples must be done before the sync rewrites weights
-                            ray.wait([upcoming[1]], fetch_local=False)
-                    t4 = time.perf_counter()
-                    version = actors.sync()
-                    t5 = time.perf_counter()
-                    break
-                except ray.exceptions.RayActorError as e:  # a rollout or teacher process died: restart, retry
-                    retries += 1
-                    bar.write(f"step {step}: {type(e).__name__}; restarting the actor and retrying the step")
-                    actors.recover(step, e, run_dir)  # stops the run if the learner died
-                    if metrics is None:  # the same prompts and seed, sampled again by the current weights
-                        batch, upcoming = actors.generate(student_ids(prompts), seed=seed_of(step)), None
-            if version != metrics["policy/version"]:
-                raise RuntimeError(f"engine holds weights v{version}, learner is at v{metrics['policy/version']}")
-            metrics.update({"timing/rollout_s": t1 - t0, "timing/teacher_s": t2 - t1, "timing/train_s": t3 - t2,
-                            "timing/overlap_wait_s": t4 - t3, "timing/sync_s": t5 - t4, "timing/step_s": t5 - t0,
-                            "throughput/tokens_per_s": metrics["response/tokens/sum"] / (t5 - t0),
-                            "step/actor_restarts": float(retries)})
-            log.log_step(step, metrics)
-            skips.check(step, metrics)  # stops the run after train.max_consecutive_skips skipped steps in a row
-            rkl = metrics.get("kl/reverse/mean", metrics.get("kl/reverse/sampled_mean"))
-            bar.set_postfix({"rkl": f"{rkl:.3f}", "len": f"{metrics['response/length/mean']:.1f}"})
-            if step == cfg.train.steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-                last = run_eval(step, before["eval/accuracy/teacher"])
-                bar.write(f"step {step}: student accuracy {last['eval/accuracy/student']:.1%}, "
-                          f"held-out reverse KL {last['eval/kl/reverse/mean']:.4f}")
-            checkpoints.after_step(step)  # every train.save_every steps and at the end, after that step's eval
-        log.close()
-        plot_learning_curve(run_dir)
-        report.write(run_dir)  # report.html: summary, curves, checkpoints, config
-    finally:
-        trackers.close()  # after log.close(), nothing is left open; on an error, what was logged is kept
-        if actors is not None:
-            actors.shutdown()
-        if started_ray:
-            ray.shutdown()
-    summary = {"run_dir": str(run_dir), "checkpoint": checkpoints.last, "before": before, "after": last}
-    print_summary(summary)
-    return summary
+    def _learn(self, step: int, clock: PhaseClock, resample: bool) -> dict:
+        """The first three phases. The engines hold the weights of the last sync: the samples are on-policy, or
+        with run.overlap one version behind (sampled during the previous step's training)."""
+        import ray
+
+        from opd.prompt_sets import teacher_ids
+
+        prompts, batch = self.rollouts.take(step, resample=resample)
+        clock.timed("rollout", ray.wait, [batch], fetch_local=False)  # timing only: the batch goes actor to actor
+        scores = self.actors.score(batch, teacher_prompts=teacher_ids(prompts))
+        clock.timed("teacher", self.actors.wait_scored, scores)
+        training = self.actors.train_step(batch, scores)
+        self.rollouts.prefetch(step + 1)  # run.overlap: the next step's rollout, sampled while the learner trains
+        metrics = clock.timed("train", ray.get, training)
+        clock.timed("overlap_wait", self.rollouts.wait_prefetched)
+        return metrics
+
+    def _restarting(self, step: int, phase):
+        """`phase(retry)`, run again after Ray restarted a rollout or teacher process that died during it (with
+        retry=True: the step's prompts are sampled again, same seed, by the restored weights). A dead learner, a
+        split-mode run or run.max_actor_restarts=0 stops the run instead (Actors.recover)."""
+        import ray
+
+        retry = False
+        while True:
+            try:
+                return phase(retry)
+            except ray.exceptions.RayActorError as e:
+                self.restarts, retry = self.restarts + 1, True
+                self.say(f"step {step}: {type(e).__name__}; restarting the actor and retrying the step")
+                self.actors.recover(step, e, self.run_dir)
+
+
+class Rollouts:
+    """Each step's prompts, drawn from the stream once, and their samples: sampled when the step starts, or with
+    run.overlap while the previous step's learner trained."""
+
+    def __init__(self, cfg: Config, actors, stream):
+        self.cfg, self.actors, self.stream = cfg, actors, stream
+        self.drawn: dict[int, list] = {}  # step -> its prompts (this step's and, with overlap, the next one's)
+        self.upcoming = None  # run.overlap: (step, its samples) sampled ahead
+
+    def take(self, step: int, *, resample: bool = False):
+        """The step's prompts and samples: the ones sampled ahead, else (or with `resample`) sampled now."""
+        ahead, self.upcoming = self.upcoming, None
+        self.drawn = {s: p for s, p in self.drawn.items() if s >= step}
+        batch = ahead[1] if ahead and ahead[0] == step and not resample else self._sample(step)
+        return self.drawn[step], batch
+
+    def prefetch(self, step: int) -> None:
+        if self.cfg.run.overlap and step <= self.cfg.train.steps:
+            self.upcoming = (step, self._sample(step))
+
+    def wait_prefetched(self) -> None:
+        """The samples taken ahead must be done before the sync rewrites the weights they are sampled with."""
+        import ray
+
+        if self.upcoming is not None:
+            ray.wait([self.upcoming[1]], fetch_local=False)
+
+    def _sample(self, step: int):
+        from opd.prompt_sets import student_ids
+
+        if step not in self.drawn:
+            self.drawn[step] = self.stream.next_batch(self.cfg.train.prompts_per_step)
+        return self.actors.generate(student_ids(self.drawn[step]), seed=self.cfg.train.seed * 1_000_003 + step)
+
+
+class PhaseClock:
+    """A step's wall time per phase: each phase ends when it is marked, and lasts from the previous mark."""
+
+    PHASES = ("rollout", "teacher", "train", "overlap_wait", "sync")
+
+    def __init__(self):
+        self.marks = {"start": time.perf_counter()}
+
+    def timed(self, phase: str, fn, *args, **kwargs):
+        """fn(...), the phase ending when it returns."""
+        out = fn(*args, **kwargs)
+        self.marks[phase] = time.perf_counter()
+        return out
+
+    def timings(self, tokens: float) -> dict[str, float]:
+        t = [self.marks["start"]] + [self.marks[p] for p in self.PHASES]
+        out = {f"timing/{p}_s": b - a for p, a, b in zip(self.PHASES, t, t[1:])}
+        return {**out, "timing/step_s": t[-1] - t[0], "throughput/tokens_per_s": tokens / (t[-1] - t[0])}
 
 
 def print_summary(summary: dict) -> None:

@@ -105,7 +105,7 @@ class LearnerActor:
         if self.cfg.rollout.engine == "sglang":
             # Fresh IPC handles for each sync (sglang releases each one it opened); the buffer never moves, and
             # it is not rewritten before the next sync, after the engine has generated with these weights.
-            from actors.engines.sglang import encode_flattened_bucket
+            from transport.sglang_weights import encode_flattened_bucket
 
             return weights.WeightUpdate(self.version, sglang_buckets=tuple(
                 encode_flattened_bucket([(n, t) for n, t in self.serving.named_views()[b.start:b.stop]], 1)
@@ -197,21 +197,50 @@ class LearnerActor:
         lag = self.version - batch.policy_version
         if not 0 <= lag <= int(self.cfg.run.overlap):
             raise RuntimeError(f"batch sampled by policy {batch.policy_version}, learner is at {self.version}")
-        n = batch.num_response_tokens
-        r = self.cfg.rollout
-        sampled = self.cfg.loss.kind == "sampled_rkl"
-        # The sampler's log-probs are comparable with the learner's only without top-k / top-p truncation.
-        comparable = r.top_p == 1.0 and r.top_k == 0
         self.optimizer.zero_grad(set_to_none=True)
         packs = self._plan(batch, parts)
+        loss, loss_metrics = self._forward_backward(batch, packs, parts)
+        backward_done = _synchronized(loss)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.max_grad_norm)
+        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))  # host sync
+        if finite:
+            self.optimizer.step()  # writes the shared buffer in place: the engine sees it at once
+            self.scheduler.step()
+            self.version += 1
+        optimizer_done = _synchronized(loss)  # clipping and the step
+        return_cached_memory(self.cfg, self.device)  # colocated: activations and loss blocks back to the GPU
+        lens = batch.response_lens.float()
+        return {
+            "loss": float(loss),
+            **loss_metrics,
+            "grad/norm": float(grad_norm),
+            "step/skipped": float(not finite),
+            "lr": self.scheduler.get_last_lr()[0],
+            "response/length/mean": float(lens.mean()),
+            "response/length/max": float(lens.max()),
+            "response/stop/fraction": sum(f == "stop" for f in batch.finish_reasons) / batch.num_samples,
+            "response/tokens/sum": float(batch.num_response_tokens),
+            "learner/micro_batches": float(len(packs)),
+            "padding/waste_fraction": padding_waste(packs, self.cfg.learner.micro_batch_tokens),
+            "timing/learner_s": time.perf_counter() - start,
+            "timing/learner_forward_backward_s": backward_done - start,
+            "timing/optimizer_s": optimizer_done - backward_done,
+            "policy/version": float(self.version),
+            "sync/policy_lag": float(lag),
+        }
+
+    def _forward_backward(self, batch: RolloutBatch, packs: list[PackedRows], parts: Sequence):
+        """Each micro-batch's loss and backward (the gradients accumulate); the step's loss and its metrics, with
+        the canary: the largest gap between the learner's and the sampler's log-prob of a sampled token, taken
+        before the step changes the weights (comparable only without top-k / top-p truncation)."""
+        n, r = batch.num_response_tokens, self.cfg.rollout
+        sampled, comparable = self.cfg.loss.kind == "sampled_rkl", r.top_p == 1.0 and r.top_k == 0
         loss = torch.zeros((), device=self.device)
         stats = torch.zeros(4 if sampled else 3, device=self.device)  # sums (and, sampled_rkl, one max: [3])
         gap = torch.zeros((), device=self.device)
         for k, packed in enumerate(packs):
             h_s, part, part_stats = self._micro_batch_loss(packed, batch, self._part(batch, packed, k, parts), n)
             if comparable and not sampled:
-                # Canary, taken before the step changes the weights: the learner's log-prob of each sampled
-                # token must match what the sampler reported.
                 index = packed.token_index.to(self.device)
                 learner_logprobs = chunked_token_logprobs(h_s.detach(), self.model.get_output_embeddings().weight,
                                                           batch.response_ids.to(self.device)[index],
@@ -225,46 +254,13 @@ class LearnerActor:
             else:
                 stats += part_stats
         if sampled:
-            loss_metrics = {"kl/reverse/sampled_mean": -float(stats[0]) / n, "is_ratio/mean": float(stats[1]) / n,
-                            "is_ratio/clipped_fraction": float(stats[2]) / n}
-            gap = float(stats[3]) if comparable else float("nan")
+            metrics = {"kl/reverse/sampled_mean": -float(stats[0]) / n, "is_ratio/mean": float(stats[1]) / n,
+                       "is_ratio/clipped_fraction": float(stats[2]) / n}
+            gap = stats[3]
         else:
-            loss_metrics = {"kl/forward/mean": float(stats[0]) / n, "kl/reverse/mean": float(stats[1]) / n,
-                            "entropy/student/mean": float(stats[2]) / n}
-            gap = float(gap) if comparable else float("nan")
-        if loss.is_cuda:
-            torch.cuda.synchronize()  # timing: the backward kernels have run
-        backward_done = time.perf_counter()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.max_grad_norm)
-        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))  # host sync
-        if finite:
-            self.optimizer.step()  # writes the shared buffer in place: the engine sees it at once
-            self.scheduler.step()
-            self.version += 1
-        if loss.is_cuda:
-            torch.cuda.synchronize()
-        optimizer_done = time.perf_counter()  # clipping and the step
-        return_cached_memory(self.cfg, self.device)  # colocated: activations and loss blocks back to the GPU
-        lens = batch.response_lens.float()
-        return {
-            "loss": float(loss),
-            **loss_metrics,
-            "grad/norm": float(grad_norm),
-            "step/skipped": float(not finite),
-            "lr": self.scheduler.get_last_lr()[0],
-            "response/length/mean": float(lens.mean()),
-            "response/length/max": float(lens.max()),
-            "response/stop/fraction": sum(f == "stop" for f in batch.finish_reasons) / batch.num_samples,
-            "response/tokens/sum": float(n),
-            "logprob/learner_minus_rollout/absmax": gap,
-            "learner/micro_batches": float(len(packs)),
-            "padding/waste_fraction": padding_waste(packs, self.cfg.learner.micro_batch_tokens),
-            "timing/learner_s": time.perf_counter() - start,
-            "timing/learner_forward_backward_s": backward_done - start,
-            "timing/optimizer_s": optimizer_done - backward_done,
-            "policy/version": float(self.version),
-            "sync/policy_lag": float(lag),
-        }
+            metrics = {"kl/forward/mean": float(stats[0]) / n, "kl/reverse/mean": float(stats[1]) / n,
+                       "entropy/student/mean": float(stats[2]) / n}
+        return loss, {**metrics, "logprob/learner_minus_rollout/absmax": float(gap) if comparable else float("nan")}
 
     @torch.no_grad()
     def evaluate(self, batch: RolloutBatch, parts: Sequence[TeacherScores]) -> dict[str, float]:
@@ -303,3 +299,10 @@ class LearnerActor:
     def shutdown(self) -> None:
         if self.shared is not None:
             weights.release(self.shared)
+
+
+def _synchronized(t: torch.Tensor) -> float:
+    """The time once the device's queued kernels have run (timing on a GPU)."""
+    if t.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter()

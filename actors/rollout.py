@@ -52,7 +52,7 @@ class RolloutActor:
     def load_weights(self, update: WeightUpdate) -> int:
         if not self.sglang:
             return self.engine.load_weights(update)  # maps the shared buffer / receives the broadcast
-        from actors.engines.sglang import DistributedUpdate, TensorBucketUpdate
+        from transport.sglang_weights import DistributedUpdate, TensorBucketUpdate
 
         if update.sglang_buckets is not None:  # colocated: CUDA IPC handles to the learner's serving buffer
             return self.engine.load_weights(TensorBucketUpdate(update.version, buckets=update.sglang_buckets))

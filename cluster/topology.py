@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import ray
@@ -88,6 +90,7 @@ class Actors:
     teachers: list[ray.actor.ActorHandle]
     learner: ray.actor.ActorHandle
     group: PlacementGroup
+    launch_s: float = 0.0  # placing and starting the actors (their models loaded), for the benchmark's start-up
     _sends: list = field(default_factory=list)  # split: the teachers' pending hidden-state sends
 
     @property
@@ -202,10 +205,25 @@ def _when_back(methods: list) -> list:
             time.sleep(0.5)
 
 
+@contextlib.contextmanager
+def running(cfg: Config) -> Iterator[Actors]:
+    """The run's actors, launched on the cluster `connect` joins (or a private Ray); on the way out, however the
+    run ends, the actors are stopped and a Ray this process started is shut down."""
+    started_ray, actors = connect(cfg), None
+    try:
+        actors = launch(cfg)
+        yield actors
+    finally:
+        if actors is not None:
+            actors.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
 def launch(cfg: Config) -> Actors:
     """One placement group per run, laid out by cluster/placement.py's plan for the mode; in split mode the
     collective groups (learner -> engines for weights, teachers -> learner for hidden states) are joined here."""
-    r = cfg.run
+    r, t0 = cfg.run, time.perf_counter()
     plan = placement_plan(r.mode, r.cpus_per_actor, use_gpus=uses_gpus(cfg), rollout_replicas=r.rollout_replicas,
                           teacher_replicas=r.teacher_replicas)
     group = placement_group(list(plan.bundles), strategy=plan.strategy)
@@ -234,6 +252,7 @@ def launch(cfg: Config) -> Actors:
                     learner=place(LearnerActor, "learner"), group=group)
     if r.mode == "split":
         _join_groups(cfg, actors)
+    actors.launch_s = time.perf_counter() - t0
     return actors
 
 

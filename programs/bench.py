@@ -96,20 +96,12 @@ def run_bench(cfg: Config) -> dict:
     from cluster import topology
     from opd.metrics import write_json_atomic
 
-    started_ray = topology.connect(cfg)
-    actors = None
-    try:
+    with topology.running(cfg) as actors:
         t0 = time.perf_counter()
-        actors = topology.launch(cfg)
         ray.get(actors.learner.set_teacher_head.remote(actors.teacher.output_head.remote()))
         actors.sync()
-        startup_s = time.perf_counter() - t0
+        startup_s = actors.launch_s + time.perf_counter() - t0  # launch, the teacher's head, the first sync
         steps, memory = _steps(cfg, actors, valid_vocab)
-    finally:
-        if actors is not None:
-            actors.shutdown()
-        if started_ray:
-            ray.shutdown()
     record = _record(cfg, steps, memory, startup_s)
     write_json_atomic(run_dir / "bench.json", record)
     print(format_table(record))

@@ -39,3 +39,24 @@ def evaluate(actors, prompt_set: PromptSet, tokenizer: PreTrainedTokenizerBase, 
                                     else accuracy(ray.get(teacher), prompt_set, tokenizer))
     out.update({f"eval/{k}": v for k, v in kl_metrics.items()})
     return out
+
+
+class HeldOut:
+    """The run's held-out evaluations: before the first step (a resumed run has its own in eval.jsonl), every
+    train.eval_every steps and after the last; each logged. The teacher's accuracy is taken once."""
+
+    def __init__(self, cfg, actors, prompt_set: PromptSet, log, tokenizer: PreTrainedTokenizerBase):
+        self.cfg, self.actors, self.prompt_set, self.log, self.tokenizer = cfg, actors, prompt_set, log, tokenizer
+        self.before: dict | None = log.eval_rows[0] if log.eval_rows else None
+        self.last = log.eval_rows[-1] if log.eval_rows else self.run(0)
+        self.before = self.before or self.last
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.train.eval_every
+        return step == self.cfg.train.steps or bool(every and step % every == 0)
+
+    def run(self, step: int) -> dict[str, float]:
+        teacher = self.before["eval/accuracy/teacher"] if self.before else None
+        self.last = evaluate(self.actors, self.prompt_set, self.tokenizer, self.cfg.rollout.max_new_tokens, teacher)
+        self.log.log_eval(step, self.last)
+        return self.last

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.engines.sglang import (BUCKET_METADATA_FIELDS, MEMORY_TAGS, SAMPLING_KEYS, SGLANG_CALLS,
-                                   DistributedUpdate, SGLangEngine, TensorBucketUpdate, engine_kwargs,
-                                   flatten_bucket)
+from actors.engines.sglang import MEMORY_TAGS, SAMPLING_KEYS, SGLANG_CALLS, SGLangEngine, engine_kwargs
+from transport.sglang_weights import BUCKET_METADATA_FIELDS, DistributedUpdate, TensorBucketUpdate, flatten_bucket
 
 EOS = 2
 
@@ -241,6 +240,9 @@ def test_distributed_update_and_group():
 def test_update_validation():
     with pytest.raises(ValueError, match="load_format"):
         TensorBucketUpdate(version=1, buckets=[_named(1)], load_format="bogus")
+    with pytest.raises(ValueError, match="DistributedUpdate.load_format='direct'"):
+        DistributedUpdate(version=1, names=("a",), dtypes=("float32",), shapes=((1,),), group_name="g",
+                          load_format="direct")
     with pytest.raises(ValueError, match="bucket"):
         TensorBucketUpdate(version=1, buckets=[])
     engine, fake = _adapter()
