@@ -75,7 +75,7 @@ class LearnerActor:
         import ray
 
         with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))  # a probe for a free port; torch.distributed listens on it next
+            sock.bind(("", 0))  # free on every interface, as torch.distributed's rendezvous then listens
             return ray.util.get_node_ip_address(), sock.getsockname()[1]
 
     def join_sglang_group(self, master_address: str, master_port: int, world_size: int, group_name: str) -> None:

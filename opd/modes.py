@@ -5,6 +5,9 @@ placement of actors on a Ray cluster is cluster/placement.py's)."""
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
 
 from opd.config import Config, ConfigError
 
@@ -26,6 +29,69 @@ def hidden_transport(cfg: Config) -> str:
     return {"cpu": "object_store", "colocated": "ipc", "split": "collective"}[cfg.run.mode]
 
 
+# NVIDIA's minor-version compatibility: a torch built for CUDA <major>.x needs at least this kernel driver branch
+MIN_DRIVER = {13: 580, 12: 525, 11: 450}
+NVIDIA_PROC = Path("/proc/driver/nvidia")  # the kernel driver's own view: its version, one folder per GPU
+
+
+@dataclass(frozen=True)
+class CudaState:
+    """What this machine offers torch: GPUs the NVIDIA driver lists, the driver, torch's CUDA build, and how many
+    GPUs torch can use; `why` says, in one line with its fix, why that is none when there is any GPU or CUDA."""
+
+    torch_cuda: str | None  # torch.version.cuda; None: a CPU build
+    driver: str | None  # the kernel driver's version; None: no NVIDIA driver
+    gpus_present: int
+    usable: int
+    why: str = ""
+
+    @property
+    def unusable(self) -> bool:
+        """A GPU is there, but torch cannot use it (a CPU build, an old driver, hidden devices)."""
+        return self.usable == 0 and self.gpus_present > 0
+
+
+def cuda_state() -> CudaState:
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:  # torch says why CUDA is unavailable as a warning
+        warnings.simplefilter("always")
+        usable = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    driver, present = _nvidia_driver(), _nvidia_gpus()
+    version, build = torch.__version__, torch.version.cuda
+    if usable or not present:
+        return CudaState(build, driver, present, usable)
+    if build is None:
+        why = (f"torch {version} is a CPU build and this machine has {present} NVIDIA GPU(s): install a CUDA build "
+               f"(pip install -e '.[gpu]' brings torch 2.14.1 for CUDA 13)")
+    elif driver and (need := MIN_DRIVER.get(int(build.split(".")[0]))) and int(driver.split(".")[0]) < need:
+        why = (f"CUDA present but unusable: torch {version} is built for CUDA {build}, which needs NVIDIA driver "
+               f">= {need}, and this machine's is {driver}: update the driver (or install a torch for an older CUDA)")
+    else:
+        said = next((str(w.message).strip().splitlines()[0] for w in caught), "torch.cuda.is_available() is False")
+        hidden = " (CUDA_VISIBLE_DEVICES hides every GPU)" if os.environ.get("CUDA_VISIBLE_DEVICES") == "" else ""
+        why = f"CUDA present but unusable{hidden}: {said}"
+    return CudaState(build, driver, present, 0, why)
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        text = (NVIDIA_PROC / "version").read_text()
+    except OSError:
+        return None
+    found = re.search(r"\s(\d{3,}\.\d+(?:\.\d+)?)\s", text)
+    return found.group(1) if found else None
+
+
+def _nvidia_gpus() -> int:
+    try:
+        return sum(1 for _ in (NVIDIA_PROC / "gpus").iterdir())
+    except OSError:
+        return 0
+
+
 def check_devices(cfg: Config) -> None:
     """Refuse a mode this machine cannot run, before Ray starts."""
     if cfg.rollout.engine == "sglang":
@@ -39,11 +105,11 @@ def check_devices(cfg: Config) -> None:
                               "(or use --set rollout.engine=hf)")
     if not uses_gpus(cfg):
         return
-    import torch
-
-    needed = gpus_needed(cfg)
-    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    needed, state = gpus_needed(cfg), cuda_state()
     # On a Ray cluster the GPUs are the cluster's, not this machine's: placement reports a shortfall there.
-    if have < needed and not (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")):
-        raise ConfigError(f"run.mode={cfg.run.mode} needs {needed} GPU(s), this machine has {have}: use --mode cpu "
-                          f"(or --set run.device=cpu to run the mode's plumbing on the CPU)")
+    if state.usable >= needed or cfg.run.ray_address or os.environ.get("RAY_ADDRESS"):
+        return
+    if state.unusable:
+        raise ConfigError(f"run.mode={cfg.run.mode} needs {needed} GPU(s): {state.why}")
+    raise ConfigError(f"run.mode={cfg.run.mode} needs {needed} GPU(s), this machine has {state.usable}: use --mode "
+                      f"cpu (or --set run.device=cpu to run the mode's plumbing on the CPU)")

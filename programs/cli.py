@@ -6,6 +6,7 @@
     opd memory --preset NAME --gpu-gib 80                        # the memory plan of a config on a device
     opd kernels-bench ...                                        # the loss kernels' benchmark
     opd side-by-side                                             # this project and TRL's GKD, side by side
+    opd doctor [--gpu] [--json]                                  # can this machine run each mode, and why not
 
 `python driver.py ...` and `ray job submit -- $PWD/.venv/bin/python driver.py ...` keep working as they are.
 """
@@ -19,7 +20,7 @@ import sys
 # command -> (the module whose main() runs it, arguments put before the user's); imported only when used
 COMMANDS = {"train": ("driver", []), "bench": ("driver", ["--bench"]), "report": ("opd.report", []),
             "memory": ("opd.memory", []), "kernels-bench": ("kernels.bench", []),
-            "side-by-side": ("programs.side_by_side", [])}
+            "side-by-side": ("programs.side_by_side", []), "doctor": ("opd.doctor", [])}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,7 +70,7 @@ class Outbox:
         for tensor in pending:
             groups.get(self.group).send(tensor, 0)
         if pending and pending[0].is_cuda:
-            torch.cuda.synchronize(pending[0].device)  # Ray's NCCL send is only enqueued; the tensor is freed next
+            torch.cuda.synchronize(pending[0].device)  # the NCCL sends are only enqueued: done before the next step
         return len(pending)
 
 

@@ -1,11 +1,11 @@
 """kernels/chunked.py on CUDA (Triton rows, and the torch rows) against the materialised reference at a realistic
 vocabulary."""
 
-import importlib.util
 
 import pytest
 import torch
 
+from gpu_deps import needs
 from kernels.chunked import chunked_divergence
 from kernels.reference import distill_loss
 
@@ -18,9 +18,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 1 C
 def test_chunked_matches_reference_qwen_vocab(kind, beta, dtype, tol, backend):
     """Qwen2.5 1.5B / 7B: 151936 and 152064 output rows, 151665 real tokens. The backend is forced: "auto"
     would fall back to the torch rows without a word when triton does not import, and test those twice."""
-    if backend == "triton" and importlib.util.find_spec("triton") is None:
-        pytest.fail("triton is not installed on this CUDA machine, so the Triton rows were not tested: "
-                    "pip install -e '.[gpu]' (or pip install 'triton>=3.2')")
+    if backend == "triton":
+        needs("triton")  # missing or broken on this CUDA machine: fail, or the Triton rows go untested
     g = torch.Generator(device="cuda").manual_seed(0)
     n, d_s, d_t, valid = 300, 256, 384, 151665
     h_s = (torch.randn(n, d_s, device="cuda", generator=g) * 0.5).to(dtype).requires_grad_()
@@ -47,8 +46,8 @@ def test_bf16_operands_on_cuda_qwen_vocab(kind, beta, backend):
     with fp32 results (torch.mm / torch.addmm out_dtype), against the fp32 reference on the same bf16-rounded
     inputs: loss within 1e-4 (fp32 accumulation), gradients within 2e-2 (the row gradient is rounded to bf16
     before its GEMMs); the gradients arrive in fp32."""
-    if backend == "triton" and importlib.util.find_spec("triton") is None:
-        pytest.fail("triton is not installed on this CUDA machine: pip install -e '.[gpu]'")
+    if backend == "triton":
+        needs("triton")
     g = torch.Generator(device="cuda").manual_seed(1)
     n, d_s, d_t, valid = 300, 256, 384, 151665
     h_s = (torch.randn(n, d_s, device="cuda", generator=g) * 0.5).bfloat16().float().requires_grad_()

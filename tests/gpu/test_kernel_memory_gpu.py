@@ -6,13 +6,13 @@ the bounds."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from gpu_deps import needs
 from kernels.chunked import chunked_divergence, chunked_sampled_rkl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -27,9 +27,7 @@ BLOCKS = 8  # kernels/chunked.py's "a few [chunk, V] fp32 blocks", as a number (
 
 
 def _require_triton() -> None:
-    if importlib.util.find_spec("triton") is None:
-        pytest.fail("triton is not installed on this CUDA machine, so the GPU path was not tested: "
-                    "pip install -e '.[gpu]' (or pip install 'triton>=3.2')")
+    needs("triton")  # missing or broken on this CUDA machine: fail, or the GPU path goes untested
 
 
 def _peak_extra(which: str, n: int, dtype: torch.dtype, backend: str) -> int:

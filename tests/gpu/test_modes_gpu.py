@@ -11,11 +11,12 @@ import sys
 
 import pytest
 import torch
+from gpu_deps import needs
 
 from opd.metrics import read_jsonl
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 1 CUDA GPU")
-pytest.importorskip("ray", reason="the modes run under Ray: pip install 'ray[default]'")
+needs("ray", required=False, why="the modes run under Ray (a bare GPU box may lack it): pip install -e .")
 
 # One step's full-vocabulary divergences and the update they drive; compared between devices.
 COMPARED = ("loss", "kl/forward/mean", "kl/reverse/mean", "entropy/student/mean", "grad/norm")

@@ -4,7 +4,6 @@ tests/test_sampling.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 1 CUDA GPU")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gpu_deps import needs  # noqa: E402
 from sampling_check import CASES, PREFIX, check_first_token_distribution  # noqa: E402  (tests/ on the path)
 
 
@@ -29,8 +29,8 @@ def model_and_ids(root):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("sampler", ["torch", "flashinfer"])
 def test_gpu_token_frequencies_follow_the_model(model_and_ids, sampler, case):
-    if sampler == "flashinfer" and importlib.util.find_spec("flashinfer") is None:
-        pytest.skip("flashinfer is not installed (optional: rollout.sampler=auto falls back to torch)")
+    if sampler == "flashinfer":
+        needs("flashinfer", required=False, why="optional, rollout.sampler=auto falls back to torch")
     from actors.engines.hf import HFEngine
 
     model, tok, ids = model_and_ids

@@ -1,15 +1,15 @@
 """The GPU modes' transports on real CUDA devices: the colocated serving buffer and teacher hidden states through
 CUDA IPC handles between two processes (1 GPU), the hf engine's decode loop on the GPU (torch and FlashInfer
-sampling), and the split mode's NCCL groups (2 GPUs and Ray). The CPU stand-ins of each run in tests/."""
+sampling), and the split mode's NCCL groups (torch.distributed; 2 GPUs and Ray). The CPU stand-ins of each run in tests/."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from gpu_deps import cuda, needs, nccl
 
 from transport import weights
 from transport.hidden_states import Outbox
@@ -90,8 +90,8 @@ def test_teacher_hidden_states_by_ipc_handle():
 
 @pytest.mark.parametrize("sampler", ["torch", "flashinfer"])
 def test_decode_loop_on_gpu_reports_the_sampled_distribution(root, sampler):
-    if sampler == "flashinfer" and importlib.util.find_spec("flashinfer") is None:
-        pytest.skip("flashinfer is not installed (pip install -e '.[gpu]')")
+    if sampler == "flashinfer":
+        needs("flashinfer", required=False, why="optional, rollout.sampler=auto falls back to torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from actors.engines.hf import HFEngine
@@ -110,10 +110,11 @@ def test_decode_loop_on_gpu_reports_the_sampled_distribution(root, sampler):
         assert torch.allclose(lp, want, atol=1e-3)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_nccl_weight_broadcast_between_two_gpus(root):
-    ray = pytest.importorskip("ray", reason="the split mode's NCCL groups need ray")
-    pytest.importorskip("cupy", reason="ray.util.collective's NCCL backend needs cupy")
+    cuda(2)
+    nccl()  # torch's own NCCL (transport/groups.py); a torch without it fails here, it does not skip
+    ray = needs("ray", required=False, why="the two sides are Ray actors")
+    import socket
     import sys
 
     sys.path.insert(0, str(root / "tests"))
@@ -125,7 +126,11 @@ def test_nccl_weight_broadcast_between_two_gpus(root):
         model_dir = str(root / "assets/toy/teacher")
         learner = ray.remote(test_broadcast.Side).options(num_gpus=1).remote(model_dir, 0, False, "cuda")
         engine = ray.remote(test_broadcast.Side).options(num_gpus=1).remote(model_dir, 1, True, "cuda")
-        ray.get([learner.join.remote(2, "opd-weights", "", "nccl"), engine.join.remote(2, "opd-weights", "", "nccl")])
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            init_method = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+        ray.get([learner.join.remote(2, "opd-weights", init_method, "nccl"),
+                 engine.join.remote(2, "opd-weights", init_method, "nccl")])
         sent, received = ray.get([learner.perturb_and_send.remote("opd-weights"),
                                   engine.receive.remote("opd-weights")])
         assert sent == received
