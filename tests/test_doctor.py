@@ -288,3 +288,31 @@ def test_a_roof_far_below_the_datasheet_fails(measured, status, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
     check = doctor._against_datasheet("bf16 gemm", measured, 989e12, "TFLOP/s", 1e12)
     assert check.status == status and check.detail.startswith(f"{measured / 1e12:.0f} TFLOP/s, ")
+
+
+def test_the_doctor_runs_on_a_box_with_only_torch_triton_and_transformers(root):
+    """A lent GPU box has torch, triton and transformers, no Ray, pyarrow, sglang, PyYAML: the doctor must run
+    there and say what is missing. Simulated: those packages neither import nor appear installed."""
+    code = """
+import importlib.abc, importlib.metadata, sys
+HIDDEN = ("ray", "pyarrow", "sglang", "yaml", "flashinfer", "cupy", "matplotlib", "pyyaml")
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HIDDEN:
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, Hide())
+real = importlib.metadata.version
+def version(dist):
+    if dist.lower().replace("_", "-").split("-")[0] in HIDDEN:
+        raise importlib.metadata.PackageNotFoundError(dist)
+    return real(dist)
+importlib.metadata.version = version
+from opd import doctor
+sys.exit(doctor.main(["--gpu"]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr  # a failure to report, not a crash
+    lines = _lines(out.stdout)
+    assert lines["ray"] == ("FAIL", "not installed") and lines["pyarrow"] == ("FAIL", "not installed")
+    assert lines["sglang"][0] == "--" and lines["mode cpu"] == ("FAIL", "missing: ray, pyarrow")
+    assert lines["torch"][0] == "ok" and lines["triton"][0] == "ok"
