@@ -82,5 +82,6 @@ def test_opd_console_script(run_dir, tmp_path):
     assert out.returncode == 0 and "assets/smollm2/student" in out.stdout
     out = subprocess.run([opd, "trian"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stderr.strip() == (
-        "error: opd trian: no such command; use one of train, bench, report, memory, kernels-bench, side-by-side "
+        "error: opd trian: no such command; use one of train, bench, report, memory, kernels-bench, side-by-side, "
+        "doctor "
         "(opd --help)")
