@@ -72,6 +72,7 @@ def run(cfg: Config) -> dict:
             summary = train(cfg, prepared, actors, trackers)
     finally:
         trackers.close()  # after the run's log is closed; on an error, what was logged is kept
+        prepared.lock.release()  # the run directory is free for a --resume
     print_summary(summary)
     return summary
 

@@ -72,6 +72,7 @@ def write(path: Path, fill: Callable[[Path], None], run_state: dict) -> Path:
                  for f in sorted(tmp.rglob("*")) if f.is_file()}
         manifest = tmp / MANIFEST
         manifest.write_text(json.dumps({"format": 1, "files": files}, indent=2) + "\n")
+        _permissions_of_umask(tmp)
         _fsync(manifest)
         _fsync(tmp)
         if path.exists():  # the same step saved again: the new one replaces it
@@ -82,6 +83,15 @@ def write(path: Path, fill: Callable[[Path], None], run_state: dict) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _permissions_of_umask(folder: Path) -> None:
+    """mkdtemp makes the folder 0700: give it, and what is in it, the modes this user's umask gives any file, so
+    another process or user can `from_pretrained` a checkpoint as they could any folder of this user's."""
+    umask = os.umask(0o022)  # read it (the only portable way), then put it back
+    os.umask(umask)
+    for p in (folder, *folder.rglob("*")):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def verify(path: Path) -> dict:

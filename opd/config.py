@@ -7,6 +7,7 @@ naming the field and the fix, before Ray or any model starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -208,6 +209,9 @@ class RunConfig:
         _require(self.mode in MODES, f"run.mode={self.mode!r} is unknown: use one of {', '.join(MODES)}")
         _require(self.device in ("auto", "cpu"), f"run.device={self.device!r} is unknown: use auto or cpu")
         _require(self.cpus_per_actor > 0, f"run.cpus_per_actor={self.cpus_per_actor} must be > 0")
+        _require(not self.name or (Path(self.name).name == self.name and self.name not in (".", "..")),
+                 f"run.name={self.name!r} must be one folder name (no '/', no '..'): the run is written to "
+                 f"run.out_dir/<run.name>")
         _require(self.threads_per_actor > 0, f"run.threads_per_actor={self.threads_per_actor} must be > 0")
 
 
@@ -247,6 +251,12 @@ class Config:
     bench: BenchConfig = field(default_factory=BenchConfig)
 
     def __post_init__(self):
+        for section in dataclasses.fields(self):  # `inf` and `nan` parse as floats and pass `> 0`
+            for f in dataclasses.fields(getattr(self, section.name)):
+                value = getattr(getattr(self, section.name), f.name)
+                numbers = value if isinstance(value, tuple) else (value,)
+                _require(all(math.isfinite(v) for v in numbers if isinstance(v, float)),
+                         f"{section.name}.{f.name}={value} is not a finite number: give a finite value")
         # The importance ratio compares the student's distribution with the sampler's: they must be the same one.
         _require(self.loss.kind != "sampled_rkl" or self.loss.temperature == self.rollout.temperature,
                  f"loss.kind=sampled_rkl needs loss.temperature ({self.loss.temperature}) equal to "

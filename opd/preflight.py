@@ -23,6 +23,34 @@ class Prepared:
     prompts: PromptSet
     valid_vocab: int  # the shared tokenizer's size; output rows beyond it are padding
     resume_from: Path | None = None  # --resume: the verified checkpoint the run continues from
+    lock: RunLock | None = None  # this process's hold on run_dir, until the run ends
+
+
+class RunLock:
+    """One process per run directory: an exclusive `flock` on RUN_DIR/.lock, held until `release` or until the
+    process ends, however it ends (the kernel drops it with the file descriptor). A second driver on the same
+    run (two `--resume` at once) is refused before it touches anything."""
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+        import socket
+
+        self.file = open(run_dir / ".lock", "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise ConfigError(f"run directory {run_dir} is in use by {holder}: one process per run; wait for it to "
+                              f"end (or stop it) and try again") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()
 
 
 def _ensure_builtin(path: Path) -> None:
@@ -91,9 +119,10 @@ def preflight(cfg: Config) -> Prepared:
     prompts = build_prompt_set(cfg.data, cfg.train.seed, tokenizers["student"], tokenizers["teacher"])
     check_memory(cfg, prompts)  # the last refusal, before the run directory or a resume touches anything
     if cfg.run.resume:
-        run_dir, checkpoint = prepare_resume(cfg)
-        return Prepared(run_dir=run_dir, prompts=prompts, valid_vocab=valid_vocab, resume_from=checkpoint)
-    return Prepared(run_dir=make_run_dir(cfg), prompts=prompts, valid_vocab=valid_vocab)
+        run_dir, checkpoint, lock = prepare_resume(cfg)
+        return Prepared(run_dir=run_dir, prompts=prompts, valid_vocab=valid_vocab, resume_from=checkpoint, lock=lock)
+    run_dir = make_run_dir(cfg)
+    return Prepared(run_dir=run_dir, prompts=prompts, valid_vocab=valid_vocab, lock=RunLock(run_dir))
 
 
 def check_memory(cfg: Config, prompts: PromptSet) -> None:
@@ -112,13 +141,31 @@ def check_memory(cfg: Config, prompts: PromptSet) -> None:
         print(f"warning: {problem}", file=sys.stderr)
 
 
-def prepare_resume(cfg: Config) -> tuple[Path, Path]:
-    """The run directory and its latest complete checkpoint, verified against its manifest and the config; then
-    the records after that checkpoint's step are dropped, so metrics.jsonl and eval.jsonl read as one run."""
+def prepare_resume(cfg: Config) -> tuple[Path, Path, RunLock]:
+    """The run directory, held, and its latest complete checkpoint, verified against its manifest and the config;
+    then the records after that checkpoint's step are dropped, so metrics.jsonl and eval.jsonl read as one run."""
     from opd import checkpoint
     from opd.metrics import truncate_jsonl, write_json_atomic
 
     run_dir = Path(cfg.run.resume).expanduser().resolve()
+    if not run_dir.is_dir():
+        raise ConfigError(f"--resume {run_dir}: no such run directory")
+    lock = RunLock(run_dir)  # before anything is read or changed: a second resume of this run stops here
+    try:
+        latest, state = _resume_point(cfg, run_dir)
+    except BaseException:
+        lock.release()
+        raise
+    for records in ("metrics.jsonl", "eval.jsonl"):
+        truncate_jsonl(run_dir / records, state["step"])
+    checkpoint.clean_partial(run_dir)  # what an interrupted save left behind
+    write_json_atomic(run_dir / "config.json", cfg.to_dict())
+    return run_dir, latest, lock
+
+
+def _resume_point(cfg: Config, run_dir: Path) -> tuple[Path, dict]:
+    from opd import checkpoint
+
     latest = checkpoint.latest(run_dir)
     if latest is None:
         raise ConfigError(f"--resume {run_dir}: no complete checkpoint under {run_dir / checkpoint.CHECKPOINTS} (the "
@@ -129,11 +176,7 @@ def prepare_resume(cfg: Config) -> tuple[Path, Path]:
     if state["step"] >= cfg.train.steps:
         raise ConfigError(f"--resume {run_dir}: the checkpoint is at step {state['step']} and train.steps="
                           f"{cfg.train.steps}: nothing left to do; raise train.steps to train on")
-    for records in ("metrics.jsonl", "eval.jsonl"):
-        truncate_jsonl(run_dir / records, state["step"])
-    checkpoint.clean_partial(run_dir)  # what an interrupted save left behind
-    write_json_atomic(run_dir / "config.json", cfg.to_dict())
-    return run_dir, latest
+    return latest, state
 
 
 def make_run_dir(cfg: Config) -> Path:

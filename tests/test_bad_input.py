@@ -175,3 +175,45 @@ def test_non_finite_steps_stop_the_run_naming_the_step(root, tmp_path):
     steps = read_jsonl(tmp_path / "nan" / "metrics.jsonl")
     assert [r["step"] for r in steps] == [1, 2] and all(r["step/skipped"] == 1.0 for r in steps)
     assert json.loads((tmp_path / "nan" / "config.json").read_text())["train"]["max_consecutive_skips"] == 2
+
+
+# ------------------------------------------------------------------ issue 16: refusals found by trying more cases
+
+
+@pytest.mark.parametrize("assignment,needle", [
+    ("learner.lr=inf", "learner.lr=inf is not a finite number"),
+    ("loss.temperature=inf", "loss.temperature=inf is not a finite number"),
+    ("rollout.top_p=nan", "rollout.top_p=nan must be in (0, 1]"),
+    ("run.name=../../escape", "run.name='../../escape' must be one folder name (no '/', no '..')"),
+    ("run.name=/tmp/elsewhere", "run.name='/tmp/elsewhere' must be one folder name"),
+    ("run.name=..", "run.name='..' must be one folder name"),
+])
+def test_non_finite_numbers_and_run_names_outside_out_dir(assignment, needle):
+    with pytest.raises(ConfigError) as info:
+        override(tiny_cpu(), assignment)
+    assert needle in str(info.value)
+
+
+def test_a_second_process_on_a_run_directory_is_refused(root, tmp_path, run_dir):
+    """Two `--resume` of one run at once: the second stops with one line before it reads or changes anything."""
+    run = tmp_path / "held_run"
+    shutil.copytree(run_dir, run)
+    def files():
+        return sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*") if p.name != ".lock")
+
+    before = files()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                               "from opd.preflight import RunLock; lock = RunLock(Path(sys.argv[1])); "
+                               "print('held', flush=True); sys.stdin.read()", str(run)],
+                              cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = _refused(root, "--resume", str(run))
+        assert line == (f"error: run directory {run} is in use by pid {holder.pid} on {__import__('socket').gethostname()}"
+                        f": one process per run; wait for it to end (or stop it) and try again")
+        assert files() == before
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    with pytest.raises(ConfigError, match="nothing left to do"):  # the holder gone, the lock is free again
+        preflight(driver.parse_args(["--resume", str(run), "--set", "train.steps=2"]))

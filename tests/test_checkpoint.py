@@ -239,3 +239,19 @@ def test_skip_guard_stops_after_k_skipped_steps_in_a_row(tmp_path):
     never = SkipGuard(0, tmp_path)
     for step in range(1, 20):
         never.check(step, {"step/skipped": 1.0})
+
+
+def test_checkpoint_files_get_the_modes_of_the_users_umask(tmp_path):
+    """mkdtemp makes a 0700 folder; a checkpoint is meant to be read by other processes as any folder is."""
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        path = checkpoint.write(tmp_path / "checkpoints" / "step_1", lambda d: (d / "model.safetensors").write_bytes(
+            b"x" * 10), {"step": 1})
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in path.rglob("*")}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o750
+    assert modes == {"checkpoints/step_1/model.safetensors": 0o640, "checkpoints/step_1/run_state.json": 0o640,
+                     "checkpoints/step_1/manifest.json": 0o640}
