@@ -92,6 +92,20 @@ def _nvidia_gpus() -> int:
         return 0
 
 
+def check_cpus(cfg: Config) -> None:
+    """A private Ray instance has this machine's CPUs: a placement that asks for more would wait for an autoscaler
+    that never comes (120 s, then an error); refuse it now. A cluster's CPUs are the cluster's."""
+    if cfg.run.ray_address or os.environ.get("RAY_ADDRESS"):
+        return
+    r = cfg.run
+    actors = r.rollout_replicas + r.teacher_replicas + 1
+    have = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if r.cpus_per_actor * actors > have:
+        raise ConfigError(f"run.cpus_per_actor={r.cpus_per_actor:g} for {actors} actors asks for "
+                          f"{r.cpus_per_actor * actors:g} CPUs, this machine has {have}: lower run.cpus_per_actor "
+                          f"(it is Ray's scheduling share; run.threads_per_actor sets the threads)")
+
+
 def check_devices(cfg: Config) -> None:
     """Refuse a mode this machine cannot run, before Ray starts."""
     if cfg.rollout.engine == "sglang":

@@ -103,10 +103,11 @@ def preflight(cfg: Config) -> Prepared:
 
     from opd import trackers
     from opd.models import ModelError, check_compatible, load_tokenizer, quiet_transformers
-    from opd.modes import check_devices
+    from opd.modes import check_cpus, check_devices
 
     quiet_transformers()  # its warnings would bury the one line a refusal prints
-    check_devices(cfg)  # first: the most basic refusal
+    check_devices(cfg)  # first: the most basic refusals
+    check_cpus(cfg)
     trackers.check(cfg)  # run.loggers: their packages are installed
     sources = {side: _model_source(cfg, side) for side in ("student", "teacher")}
     try:
@@ -117,12 +118,28 @@ def preflight(cfg: Config) -> Prepared:
     except (ModelError, OSError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
     prompts = build_prompt_set(cfg.data, cfg.train.seed, tokenizers["student"], tokenizers["teacher"])
+    check_positions(cfg, prompts, configs)
     check_memory(cfg, prompts)  # the last refusal, before the run directory or a resume touches anything
     if cfg.run.resume:
         run_dir, checkpoint, lock = prepare_resume(cfg)
         return Prepared(run_dir=run_dir, prompts=prompts, valid_vocab=valid_vocab, resume_from=checkpoint, lock=lock)
     run_dir = make_run_dir(cfg)
     return Prepared(run_dir=run_dir, prompts=prompts, valid_vocab=valid_vocab, lock=RunLock(run_dir))
+
+
+def check_positions(cfg: Config, prompts: PromptSet, configs: dict) -> None:
+    """The longest prompt plus rollout.max_new_tokens must fit each model's positions: past
+    max_position_embeddings a model runs on, silently, on positions it never learned."""
+    for side, config in configs.items():
+        limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+        ids = [p.teacher_ids or p.student_ids if side == "teacher" else p.student_ids
+               for p in prompts.train + prompts.eval]
+        longest = max(map(len, ids), default=0)
+        if limit and longest + cfg.rollout.max_new_tokens > limit:
+            raise ConfigError(f"the longest prompt ({longest} tokens) plus rollout.max_new_tokens="
+                              f"{cfg.rollout.max_new_tokens} is {longest + cfg.rollout.max_new_tokens} positions, "
+                              f"beyond model.{side}'s max_position_embeddings={limit}: lower rollout.max_new_tokens or "
+                              f"data.max_prompt_tokens")
 
 
 def check_memory(cfg: Config, prompts: PromptSet) -> None:

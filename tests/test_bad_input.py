@@ -217,3 +217,18 @@ def test_a_second_process_on_a_run_directory_is_refused(root, tmp_path, run_dir)
         holder.wait(timeout=60)
     with pytest.raises(ConfigError, match="nothing left to do"):  # the holder gone, the lock is free again
         preflight(driver.parse_args(["--resume", str(run), "--set", "train.steps=2"]))
+
+
+def test_responses_past_the_models_positions(monkeypatch):
+    message = _preflight_error("--set", "rollout.max_new_tokens=40")  # toy models: 32 positions, 6-token prompts
+    assert message == ("the longest prompt (6 tokens) plus rollout.max_new_tokens=40 is 46 positions, beyond "
+                       "model.student's max_position_embeddings=32: lower rollout.max_new_tokens or "
+                       "data.max_prompt_tokens")
+
+
+def test_more_cpus_than_the_machine_has(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    message = _preflight_error("--set", "run.cpus_per_actor=100")
+    assert message.startswith("run.cpus_per_actor=100 for 3 actors asks for 300 CPUs, this machine has ")
+    assert message.endswith(": lower run.cpus_per_actor (it is Ray's scheduling share; run.threads_per_actor "
+                            "sets the threads)")
