@@ -118,6 +118,49 @@ def load_model(path_or_id: str, *, dtype: str = "float32", attn_implementation: 
     return model.to(torch_device)
 
 
+def weights_disagree(path: Path) -> str | None:
+    """Whether the safetensors weights of model folder `path` are the tensors its config.json describes: None when
+    they are (or when nothing can be compared), else one line naming the disagreement. transformers loads a
+    mismatch anyway (a different architecture: every tensor freshly initialised; a different width: an error deep
+    in an actor), so this is checked before Ray starts. The model is built on the meta device: no memory, ~1 s."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    stored = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as handle:
+            stored.update({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # a config this transformers cannot build: from_pretrained will say so itself
+        return None
+    if not stored:
+        return None
+    tied = ({n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()})
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
+
+    def stored_name(key: str) -> str | None:  # exact, or up to a prefix (a base model's weights, a wrapper's)
+        if key in stored:
+            return key
+        hits = [s for s in stored if s.endswith("." + key) or key.endswith("." + s)]
+        return hits[0] if len(hits) == 1 else None
+
+    found = {k: stored_name(k) for k in expected}
+    for key, name in found.items():
+        if name is not None and stored[name] != expected[key]:
+            return (f"config.json does not match the weights: {name} is {list(stored[name])} in the weights and "
+                    f"{list(expected[key])} by config.json ({config.model_type}): use the config.json saved with "
+                    f"these weights")
+    missing = [k for k, name in found.items() if name is None]
+    if len(missing) > len(expected) / 2:
+        return (f"config.json describes a {config.model_type} model ({type(model).__name__}) and {len(missing)} of "
+                f"its {len(expected)} tensors are not in the weights (first: {missing[0]}; the weights hold "
+                f"{next(iter(sorted(stored)))}, ...): use the config.json saved with these weights")
+    return None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Student / teacher compatibility
 # --------------------------------------------------------------------------------------------------------------

@@ -96,6 +96,11 @@ def _check_weights(path: Path, what: str) -> None:
             except (SafetensorError, OSError) as e:
                 raise ConfigError(f"{what}: {f} is not a readable safetensors file ({str(e).splitlines()[0]}); "
                                   f"copy or download it again") from None
+    from opd.models import quiet_transformers, weights_disagree
+
+    quiet_transformers()
+    if problem := weights_disagree(path):
+        raise ConfigError(f"{what}: {problem}")
 
 
 def preflight(cfg: Config) -> Prepared:

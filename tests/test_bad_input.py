@@ -232,3 +232,24 @@ def test_more_cpus_than_the_machine_has(monkeypatch):
     assert message.startswith("run.cpus_per_actor=100 for 3 actors asks for 300 CPUs, this machine has ")
     assert message.endswith(": lower run.cpus_per_actor (it is Ray's scheduling share; run.threads_per_actor "
                             "sets the threads)")
+
+
+def test_a_config_that_does_not_describe_the_weights(root, tmp_path):
+    """transformers loads either one anyway: another architecture as a freshly initialised model (the run
+    trained noise and exited 0), another width as an 88-line traceback from inside an actor."""
+    from transformers import GPT2Config
+
+    other = tmp_path / "gpt2_config"
+    shutil.copytree(root / "assets/toy/student", other)
+    GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=16, bos_token_id=1, eos_token_id=1).save_pretrained(other)
+    line = _refused(root, "--set", f"model.student={other}", "--set", f"run.out_dir={tmp_path}/runs")
+    assert line == (f"error: model.student={other}: config.json describes a gpt2 model (GPT2LMHeadModel) and 28 of "
+                    f"its 28 tensors are not in the weights (first: transformer.wte.weight; the weights hold "
+                    f"model.embed_tokens.weight, ...): use the config.json saved with these weights")
+    wide = tmp_path / "wide_config"
+    shutil.copytree(root / "assets/toy/teacher", wide)
+    config = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
+    message = _preflight_error("--set", f"model.teacher={wide}")
+    assert message.startswith(f"model.teacher={wide}: config.json does not match the weights: model.layers.0.mlp.")
+    assert not (tmp_path / "runs").exists()  # refused before the run directory
