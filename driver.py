@@ -70,6 +70,8 @@ def run(cfg: Config) -> dict:
     try:
         with topology.running(cfg) as actors:  # stops the actors, and a Ray it started, however the run ends
             summary = train(cfg, prepared, actors, trackers)
+    except Exception as e:  # after preflight: one line and what to do; the traceback goes to RUN_DIR/error.log
+        raise RunStopped(failure(e, prepared.run_dir)) from e
     finally:
         trackers.close()  # after the run's log is closed; on an error, what was logged is kept
         prepared.lock.release()  # the run directory is free for a --resume
@@ -226,6 +228,36 @@ class PhaseClock:
         t = [self.marks["start"]] + [self.marks[p] for p in self.PHASES]
         out = {f"timing/{p}_s": b - a for p, a, b in zip(self.PHASES, t, t[1:])}
         return {**out, "timing/step_s": t[-1] - t[0], "throughput/tokens_per_s": tokens / (t[-1] - t[0])}
+
+
+def failure(error: BaseException, run_dir) -> str:
+    """A run that failed after preflight, in one line: what failed, where, and how to go on from the last
+    checkpoint (the full traceback is kept in RUN_DIR/error.log, when the run directory takes it)."""
+    import errno
+    import traceback
+
+    from opd import checkpoint
+
+    if isinstance(error, RunStopped):
+        return str(error)
+    cause = getattr(error, "cause", None) or error  # a Ray task's error carries the actor's exception
+    kept = ""
+    try:
+        (run_dir / "error.log").write_text("".join(traceback.format_exception(error)))
+        kept = f" (traceback: {run_dir / 'error.log'})"
+    except OSError:
+        pass
+    if isinstance(cause, OSError) and cause.strerror:
+        what = f"{cause.strerror}: {cause.filename}" if cause.filename else cause.strerror
+        todo = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space", errno.EROFS: f"make {run_dir} "
+                "writable", errno.EACCES: f"make {run_dir} writable"}.get(cause.errno, "fix that")
+    else:
+        what = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+        todo = "fix that"
+    latest = checkpoint.latest(run_dir)
+    then = (f"then continue from {latest.name} with: python driver.py --resume {run_dir}" if latest else
+            "then start the run again (it wrote no checkpoint)")
+    return f"the run failed: {what}{kept}; {todo}, {then}"
 
 
 def print_summary(summary: dict) -> None:

@@ -207,6 +207,7 @@ class LearnerActor:
             self.optimizer.step()  # writes the shared buffer in place: the engine sees it at once
             self.scheduler.step()
             self.version += 1
+            self._check_weights_finite(float(grad_norm))
         optimizer_done = _synchronized(loss)  # clipping and the step
         return_cached_memory(self.cfg, self.device)  # colocated: activations and loss blocks back to the GPU
         lens = batch.response_lens.float()
@@ -228,6 +229,14 @@ class LearnerActor:
             "policy/version": float(self.version),
             "sync/policy_lag": float(lag),
         }
+
+    def _check_weights_finite(self, grad_norm: float) -> None:
+        """A finite loss and gradient can still step to non-finite weights (an overflowing update): the engine
+        would sample from them next. One read of the weights per step, one host sync."""
+        norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
+        if not bool(torch.isfinite(torch.stack(norms)).all()):
+            raise RuntimeError(f"optimizer step {self.version} made the student's weights non-finite (gradient norm "
+                               f"{grad_norm:.3g}, learner.lr={self.cfg.learner.lr:g}): lower learner.lr")
 
     def _forward_backward(self, batch: RolloutBatch, packs: list[PackedRows], parts: Sequence):
         """Each micro-batch's loss and backward (the gradients accumulate); the step's loss and its metrics, with
