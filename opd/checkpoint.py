@@ -95,16 +95,19 @@ def _permissions_of_umask(folder: Path) -> None:
 
 
 def verify(path: Path) -> dict:
-    """The manifest of a complete, intact checkpoint; a ConfigError naming the first bad file otherwise."""
+    """The manifest of a complete, intact checkpoint; a ConfigError naming the first bad file otherwise, and
+    what to do: resume from the checkpoint before it, or, when it is the run's only one, start again."""
     path = Path(path)
+    before = [d for s, d in complete(path.parent.parent) if s < step_of(path)]
+    fix = (f"delete {path} to resume from {before[-1].name}" if before else
+           f"it is the run's only checkpoint: start the run again (python driver.py --config "
+           f"{path.parent.parent / 'config.json'} --set run.name=<new name>)")
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
     except FileNotFoundError:
-        raise ConfigError(f"checkpoint {path} is incomplete (no {MANIFEST}): delete it to resume from the one "
-                          f"before") from None
+        raise ConfigError(f"checkpoint {path} is incomplete (no {MANIFEST}): {fix}") from None
     except (ValueError, KeyError, TypeError):
-        raise ConfigError(f"checkpoint {path / MANIFEST} is corrupt: delete {path} to resume from the one "
-                          f"before") from None
+        raise ConfigError(f"checkpoint {path / MANIFEST} is corrupt: {fix}") from None
     for name, entry in files.items():
         f = path / name
         problem = ("is missing" if not f.is_file() else
@@ -112,9 +115,19 @@ def verify(path: Path) -> dict:
                    if f.stat().st_size != entry["bytes"] else
                    "does not match its sha256 in the manifest" if _sha256(f) != entry["sha256"] else "")
         if problem:
-            raise ConfigError(f"checkpoint file {f} {problem} (a corrupt checkpoint): delete {path} to resume from "
-                              f"the one before")
+            raise ConfigError(f"checkpoint file {f} {problem} (a corrupt checkpoint): {fix}")
     return files
+
+
+def step_of(d: Path) -> int:
+    m = _STEP_DIR.fullmatch(d.name)
+    return int(m.group(1)) if m else -1
+
+
+def incomplete(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the step folders without a manifest: interrupted before the rename, or copied partly."""
+    return sorted((step_of(d), d) for d in (Path(run_dir) / CHECKPOINTS).glob("step_*")
+                  if _STEP_DIR.fullmatch(d.name) and d.is_dir() and not (d / MANIFEST).is_file())
 
 
 def complete(run_dir: Path) -> list[tuple[int, Path]]:
@@ -133,9 +146,14 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def prune(run_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoints; also remove what interrupted writes left behind."""
-    for _, d in complete(run_dir)[:-keep]:
+    """Keep the newest `keep` checkpoints; also remove what interrupted writes left behind, step folders without a
+    manifest older than the newest checkpoint included (a newer one is replaced when the run gets to its step)."""
+    found = complete(run_dir)
+    for _, d in found[:-keep]:
         _remove(d)
+    for step, d in incomplete(run_dir):
+        if found and step < found[-1][0]:
+            _remove(d)
     clean_partial(run_dir)
 
 
@@ -193,8 +211,14 @@ class Checkpoints:
             return 0
         import ray
 
-        ray.get(self.learner.load_checkpoint.remote(str(path)))
+        version = ray.get(self.learner.load_checkpoint.remote(str(path)))
         state = read_run_state(path)
+        if state.get("policy_version", version) != version:  # each file is whole (the manifest), but together?
+            from opd.metrics import RunStopped
+
+            raise RunStopped(f"checkpoint {path}: {RUN_STATE} was written at policy version "
+                             f"{state['policy_version']} and {TRAINER_STATE} at {version}: its files come from "
+                             f"different checkpoints; resume from another one (delete {path})")
         self.stream.load_state(state["data"])
         self.skips.streak = state["skip_streak"]
         self.last = str(path)

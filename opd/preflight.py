@@ -188,10 +188,18 @@ def prepare_resume(cfg: Config) -> tuple[Path, Path, RunLock]:
 def _resume_point(cfg: Config, run_dir: Path) -> tuple[Path, dict]:
     from opd import checkpoint
 
-    latest = checkpoint.latest(run_dir)
+    latest, partial = checkpoint.latest(run_dir), checkpoint.incomplete(run_dir)
+    if latest is None and partial:
+        raise ConfigError(f"--resume {run_dir}: {', '.join(d.name for _, d in partial)} under "
+                          f"{run_dir / checkpoint.CHECKPOINTS} has no {checkpoint.MANIFEST} (an interrupted save or a "
+                          f"partial copy) and there is no complete checkpoint: start the run again")
     if latest is None:
         raise ConfigError(f"--resume {run_dir}: no complete checkpoint under {run_dir / checkpoint.CHECKPOINTS} (the "
                           f"run stopped before its first one; set train.save_every): start the run again")
+    for _, d in partial:
+        if checkpoint.step_of(d) > checkpoint.step_of(latest):
+            print(f"warning: {d} has no {checkpoint.MANIFEST} (an interrupted save): resuming from {latest.name}; "
+                  f"{d.name} is replaced when the run gets to its step", file=sys.stderr)
     checkpoint.verify(latest)
     state = checkpoint.read_run_state(latest)
     checkpoint.check_compatible(state["config"], cfg, latest)

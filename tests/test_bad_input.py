@@ -253,3 +253,54 @@ def test_a_config_that_does_not_describe_the_weights(root, tmp_path):
     message = _preflight_error("--set", f"model.teacher={wide}")
     assert message.startswith(f"model.teacher={wide}: config.json does not match the weights: model.layers.0.mlp.")
     assert not (tmp_path / "runs").exists()  # refused before the run directory
+
+
+def test_resume_trust_the_only_checkpoint_truncated_or_without_its_manifest(root, tmp_path, run_dir):
+    truncated = tmp_path / "truncated_run"
+    shutil.copytree(run_dir, truncated)
+    weights = checkpoint.step_dir(truncated, 2) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    message = _preflight_error("--resume", str(truncated))
+    assert message.startswith(f"checkpoint file {weights} has 100 bytes, the manifest says ")
+    assert message.endswith("it is the run's only checkpoint: start the run again (python driver.py --config "
+                            f"{truncated / 'config.json'} --set run.name=<new name>)")
+    unsigned = tmp_path / "unsigned_run"
+    shutil.copytree(run_dir, unsigned)
+    (checkpoint.step_dir(unsigned, 2) / checkpoint.MANIFEST).unlink()
+    assert _preflight_error("--resume", str(unsigned)) == (
+        f"--resume {unsigned}: step_2 under {unsigned / 'checkpoints'} has no manifest.json (an interrupted save or "
+        f"a partial copy) and there is no complete checkpoint: start the run again")
+
+
+def test_resume_trust_a_newer_step_without_its_manifest(root, tmp_path, run_dir, capsys):
+    run = tmp_path / "newer_run"
+    shutil.copytree(run_dir, run)
+    shutil.copytree(checkpoint.step_dir(run, 2), checkpoint.step_dir(run, 3))
+    (checkpoint.step_dir(run, 3) / checkpoint.MANIFEST).unlink()
+    shutil.copytree(checkpoint.step_dir(run, 3), checkpoint.step_dir(run, 1))
+    prepared = preflight(driver.parse_args(["--resume", str(run)]))
+    assert prepared.resume_from == checkpoint.step_dir(run, 2)
+    assert (f"warning: {checkpoint.step_dir(run, 3)} has no manifest.json (an interrupted save): resuming from "
+            f"step_2; step_3 is replaced when the run gets to its step") in capsys.readouterr().err
+    prepared.lock.release()
+    checkpoint.prune(run, keep=1)  # older step folders without a manifest go with the pruning; newer ones stay
+    assert sorted(d.name for d in (run / "checkpoints").iterdir()) == ["step_2", "step_3"]
+
+
+def test_resume_trust_files_of_two_checkpoints(tmp_path, run_dir, monkeypatch):
+    """Each file whole (the manifest checks that), but run_state.json and trainer_state.pt of different steps."""
+    from opd.metrics import RunStopped
+
+    class Learner:  # the actor's answer: the version trainer_state.pt holds
+        class load_checkpoint:
+            @staticmethod
+            def remote(path):
+                return 5
+
+    monkeypatch.setattr("ray.get", lambda ref: ref)
+    path = checkpoint.step_dir(run_dir, 2)
+    state = checkpoint.read_run_state(path)
+    restore = checkpoint.Checkpoints(tiny_cpu(), run_dir, Learner, stream=None, skips=None).restore
+    monkeypatch.setattr(checkpoint, "read_run_state", lambda p: {**state, "policy_version": 2})
+    with pytest.raises(RunStopped, match=r"run_state.json was written at policy version 2 and trainer_state.pt at 5"):
+        restore(path)
