@@ -15,7 +15,7 @@ import sys
 import time
 
 from opd.config import Config, ConfigError, override, preset
-from opd.metrics import RunStopped
+from opd.metrics import Interrupted, RunStopped
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -85,9 +85,8 @@ def train(cfg: Config, prepared, actors, trackers) -> dict:
     import ray
     from tqdm import tqdm
 
-    from opd import report
     from opd.checkpoint import Checkpoints
-    from opd.metrics import RunLog, SkipGuard, plot_learning_curve
+    from opd.metrics import RunLog, SkipGuard
     from opd.models import load_tokenizer, model_source
     from opd.prompt_sets import PromptStream
     from programs.evaluation import HeldOut
@@ -107,21 +106,87 @@ def train(cfg: Config, prepared, actors, trackers) -> dict:
     held_out = HeldOut(cfg, actors, prepared.prompts, log, load_tokenizer(model_source(cfg.model.student)))
     bar = tqdm(range(start + 1, cfg.train.steps + 1), desc="opd", disable=not cfg.run.progress, dynamic_ncols=True)
     steps = Steps(cfg, actors, Rollouts(cfg, actors, stream), say=bar.write, run_dir=run_dir)
-    for step in bar:
-        metrics = steps.run(step)
-        log.log_step(step, metrics)
-        skips.check(step, metrics)  # stops the run after train.max_consecutive_skips skipped steps in a row
-        rkl = metrics.get("kl/reverse/mean", metrics.get("kl/reverse/sampled_mean"))
-        bar.set_postfix({"rkl": f"{rkl:.3f}", "len": f"{metrics['response/length/mean']:.1f}"})
-        if held_out.due(step):
-            last = held_out.run(step)
-            bar.write(f"step {step}: student accuracy {last['eval/accuracy/student']:.1%}, "
-                      f"held-out reverse KL {last['eval/kl/reverse/mean']:.4f}")
-        checkpoints.after_step(step)  # every train.save_every steps and at the end, after that step's eval
-    log.close()
-    plot_learning_curve(run_dir)
-    report.write(run_dir)  # report.html: summary, curves, checkpoints, config
+    with StopSignals(bar.write, run_dir) as stop, Records(log, run_dir):  # the records are written however it ends
+        for step in bar:
+            metrics = steps.run(step)
+            log.log_step(step, metrics)
+            skips.check(step, metrics)  # stops the run after train.max_consecutive_skips skipped steps in a row
+            rkl = metrics.get("kl/reverse/mean", metrics.get("kl/reverse/sampled_mean"))
+            bar.set_postfix({"rkl": f"{rkl:.3f}", "len": f"{metrics['response/length/mean']:.1f}"})
+            if held_out.due(step):
+                last = held_out.run(step)
+                bar.write(f"step {step}: student accuracy {last['eval/accuracy/student']:.1%}, "
+                          f"held-out reverse KL {last['eval/kl/reverse/mean']:.4f}")
+            # every train.save_every steps, at the end and where a signal stops the run, after that step's eval
+            checkpoints.after_step(step, stopping=stop.signum is not None)
+            if stop.signum is not None:
+                stop.stopped_after(step)
     return {"run_dir": str(run_dir), "checkpoint": checkpoints.last, "before": held_out.before, "after": held_out.last}
+
+
+class StopSignals:
+    """SIGINT and SIGTERM during the run: the first lets the step finish, saves a checkpoint there and stops
+    (`stopped_after`); a second stops at once. Installed after Ray started, so they replace Ray's own handlers
+    (its C++ SIGTERM dump, its KeyboardInterrupt from inside a wait)."""
+
+    def __init__(self, say, run_dir):
+        self.say, self.run_dir, self.signum, self._previous = say, run_dir, None, {}
+
+    def __enter__(self) -> StopSignals:
+        import signal
+
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        from opd import checkpoint
+
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            latest = checkpoint.latest(self.run_dir)
+            raise Interrupted(signum, f"stopped at once by a second {name}; " + (
+                f"continue from {latest.name} with: python driver.py --resume {self.run_dir}" if latest else
+                "no checkpoint was written yet: start the run again"))
+        self.signum = signum
+        self.say(f"{name}: stopping after this step, with a checkpoint (again: at once)")
+
+    def stopped_after(self, step: int) -> None:
+        import signal
+
+        raise Interrupted(self.signum, f"stopped by {signal.Signals(self.signum).name} after step {step} (checkpoint "
+                                       f"step_{step}); continue with: python driver.py --resume {self.run_dir}")
+
+
+class Records:
+    """metrics.parquet, the learning curve and report.html, written when the run ends, whichever way: after an
+    error or a second signal too (then a failure among them is a warning, and the original goes on)."""
+
+    def __init__(self, log, run_dir):
+        self.log, self.run_dir = log, run_dir
+
+    def __enter__(self) -> Records:
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        from opd import report
+        from opd.metrics import plot_learning_curve
+
+        try:
+            self.log.close()
+            plot_learning_curve(self.run_dir)
+            report.write(self.run_dir)  # report.html: summary, curves, checkpoints, config
+        except Exception as e:
+            if kind is None or kind is Interrupted and "after step" in str(error):
+                raise
+            print(f"warning: the run's records were not all written ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 class Steps:
@@ -284,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"{e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:  # before the run's own handlers (preflight, Ray starting): nothing to save yet
+        print("stopped (SIGINT) before the first step; nothing was trained", file=sys.stderr)
+        return 130
     return 0
 
 

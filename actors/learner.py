@@ -41,6 +41,7 @@ class LearnerActor:
         # dtype that every sync refreshes in place (fp32 master weights stay the learner's own).
         self.shared = self.serving = None
         if cfg.run.mode == "cpu":
+            weights.reclaim_stale()  # what learners killed before their shutdown left in /dev/shm
             self.shared = weights.share_parameters(self.model, f"student-{uuid.uuid4().hex[:8]}")
         else:
             self.serving = weights.ServingBuffer(weights.FlatLayout.of(self.model), DTYPES[cfg.model.dtype],

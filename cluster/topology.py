@@ -6,9 +6,11 @@ import contextlib
 import logging
 import os
 import secrets
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -20,12 +22,13 @@ from actors.teacher import TeacherActor
 from cluster.placement import placement_plan
 from opd.batch import RolloutBatch
 from opd.config import PROJECT_ROOT, Config, ConfigError
-from opd.metrics import RunStopped
+from opd.metrics import Interrupted, RunStopped
 from opd.modes import hidden_transport, uses_gpus
 from transport.groups import GroupSpec
 from transport.hidden_states import HIDDEN_GROUP
 from transport.weights import WEIGHTS_GROUP
 
+OWNER_ENV = "OPD_RAY_OWNER"  # a private Ray instance's processes carry their driver's pid
 PLACEMENT_TIMEOUT_S = 120
 RECOVER_TIMEOUT_S = 300  # a restarted actor reloads its model
 
@@ -45,10 +48,35 @@ def connect(cfg: Config) -> bool:
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
         _reload_ray_auth_config()
+    _reclaim_orphans()
+    os.environ[OWNER_ENV] = str(os.getpid())  # inherited by every process of the instance: see _reclaim_orphans
     _loopback_only()
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
              runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}})
     return True
+
+
+def _reclaim_orphans() -> None:
+    """A driver killed with SIGKILL leaves Ray processes of its private instance behind (its dashboard and
+    runtime-env agents stay, waiting on the dead GCS). They carry OWNER_ENV with the dead driver's pid: stop them.
+    Only processes of this user whose owner is gone; a live run's, and anything not started by a driver, stay."""
+    import signal
+
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if proc.stat().st_uid != os.getuid():
+                continue
+            owner = next((v for v in (proc / "environ").read_bytes().split(b"\0")
+                          if v.startswith(OWNER_ENV.encode() + b"=")), None)
+            if owner is None or int(owner.partition(b"=")[2]) == os.getpid():
+                continue
+            try:
+                os.kill(int(owner.partition(b"=")[2]), 0)
+            except ProcessLookupError:  # the owner is dead: this is a leftover of its private instance
+                os.kill(int(proc.name), signal.SIGKILL)
+                print(f"note: stopped pid {proc.name}, left running by a run that was killed", file=sys.stderr)
+        except (OSError, ValueError):  # gone meanwhile, or not readable
+            continue
 
 
 def _loopback_only() -> None:
@@ -182,10 +210,10 @@ class Actors:
             update = self.learner.export_weights.remote(full=True)
             ray.get([r.load_weights.remote(update) for r in stale])
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait_s: float = 60.0) -> None:
         """Release the learner's shared buffer, then stop the actors this run started (by handle)."""
         try:
-            ray.get(self.learner.shutdown.remote(), timeout=60)
+            ray.get(self.learner.shutdown.remote(), timeout=wait_s)
         except (ray.exceptions.RayError, TimeoutError) as e:  # a dead learner: its file may stay in /dev/shm
             logging.getLogger(__name__).warning("learner shutdown failed (%s)", type(e).__name__)
         for handle in (*self.rollouts, *self.teachers, self.learner):
@@ -209,13 +237,16 @@ def _when_back(methods: list) -> list:
 def running(cfg: Config) -> Iterator[Actors]:
     """The run's actors, launched on the cluster `connect` joins (or a private Ray); on the way out, however the
     run ends, the actors are stopped and a Ray this process started is shut down."""
-    started_ray, actors = connect(cfg), None
+    started_ray, actors, wait_s = connect(cfg), None, 60.0
     try:
         actors = launch(cfg)
         yield actors
+    except Interrupted:  # at once (a second signal): the learner may be mid-step, do not wait for it long
+        wait_s = 5.0
+        raise
     finally:
         if actors is not None:
-            actors.shutdown()
+            actors.shutdown(wait_s)
         if started_ray:
             ray.shutdown()
 

@@ -224,9 +224,10 @@ class Checkpoints:
         self.last = str(path)
         return state["step"]
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, *, stopping: bool = False) -> None:
+        """Save at train.save_every steps, at the last step, and at the step a signal stops the run after."""
         every = self.cfg.train.save_every
-        if step == self.cfg.train.steps or (every and step % every == 0):
+        if stopping or step == self.cfg.train.steps or (every and step % every == 0):
             import ray
 
             run_state = {"step": step, "data": self.stream.state(), "skip_streak": self.skips.streak,

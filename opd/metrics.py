@@ -43,6 +43,15 @@ class RunStopped(RuntimeError):
     """The run stopped itself (e.g. too many non-finite steps); the message names the step and what to try."""
 
 
+class Interrupted(BaseException):
+    """SIGINT / SIGTERM stopped the run: at a step boundary, or at once on a second signal. A BaseException, like
+    KeyboardInterrupt: no `except Exception` on the way out takes it for a failure. The driver exits 128 + signum."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
 class SkipGuard:
     """Counts the learner's skipped (non-finite) steps in a row; `check` stops the run at `limit` (0: never)."""
 

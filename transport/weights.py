@@ -122,6 +122,24 @@ def release(shared: SharedWeights) -> None:
     Path(shared.path).unlink(missing_ok=True)
 
 
+def reclaim_stale() -> list[Path]:
+    """Remove the shared-weight files of learners that are gone (a run killed before it could release them: each
+    is model-sized, in RAM). A file names its learner's pid; one whose pid lives, or of another user, stays."""
+    removed = []
+    for f in SHM_DIR.glob("opd-*-*.bin") if SHM_DIR is not None else ():
+        pid = f.stem.rpartition("-")[2]
+        try:
+            if not pid.isdigit() or f.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+            removed.append(f)
+        except OSError:  # alive under another user (PermissionError), or the file went meanwhile
+            continue
+    return removed
+
+
 # ---------------------------------------------------------------- GPU modes: the serving buffer and its buckets
 
 WEIGHTS_GROUP = "opd-weights"  # split mode: the learner is rank 0, rollout replica i is rank 1 + i

@@ -1,0 +1,111 @@
+"""Stopping a real driver: SIGTERM, SIGINT to its process group (Ctrl-C), two SIGINTs (at once), SIGKILL. Each
+graceful stop ends at a step boundary with a checkpoint, the run's records and the resume command (exit 143 /
+130); after every stop, SIGKILL included once the next start has reclaimed its leftovers, no /dev/shm file and no
+process of the stopped run is left; and the run resumed after all four ends with the metrics of an undisturbed
+run, step for step."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from opd.metrics import read_jsonl
+
+STEPS = 12
+COMPARED = ("loss", "kl/forward/mean", "kl/reverse/mean", "grad/norm", "response/tokens/sum", "policy/version")
+
+
+def _shm() -> set[Path]:
+    return set(Path("/dev/shm").glob("opd-*.bin"))
+
+
+def _tagged(tag: str) -> list[str]:
+    """The processes carrying `tag` in their environment: the driver and everything of its Ray instance."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if f"OPD_TEST_TAG={tag}".encode() in (proc / "environ").read_bytes():
+                found.append(f"{proc.name} {(proc / 'cmdline').read_bytes()[:60]!r}")
+        except OSError:
+            continue
+    return found
+
+
+def _start(root, out, tag, *args) -> subprocess.Popen:
+    env = {**os.environ, "OPD_TEST_TAG": tag}
+    return subprocess.Popen([sys.executable, "driver.py", *args], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_steps(path: Path, n: int, driver: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 300
+    while not (path.exists() and len(path.read_text().splitlines()) >= n):
+        if driver.poll() is not None:
+            raise AssertionError(f"the driver ended before step {n}:\n{driver.stderr.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"no step {n} within 300 s"
+        time.sleep(0.05)
+
+
+def _until_gone(tag: str) -> list[str]:
+    """Bounded: Ray's processes of a stopped run take a moment to exit."""
+    deadline = time.monotonic() + 60
+    while (left := _tagged(tag)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+@pytest.mark.slow
+def test_signals_stop_cleanly_and_the_run_resumes_exactly(root, tmp_path):
+    common = ["--set", f"train.steps={STEPS}", "--set", "train.eval_every=0", "--set", "train.save_every=4",
+              "--set", "train.prompts_per_step=16", "--set", "data.num_eval_prompts=16", "--set", "run.progress=false"]
+    calm = subprocess.run([sys.executable, "driver.py", *common, "--set", f"run.out_dir={tmp_path}",
+                           "--set", "run.name=calm"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert calm.returncode == 0, calm.stderr[-3000:]
+    run = tmp_path / "stopped"
+    metrics = run / "metrics.jsonl"
+    launch = [*common, "--set", f"run.out_dir={tmp_path}", "--set", "run.name=stopped"]
+    # (stop after step, signal, to the group, twice, expected exit, what the line says)
+    stops = [(3, signal.SIGTERM, False, False, 143, "stopped by SIGTERM after step "),
+             (6, signal.SIGINT, True, False, 130, "stopped by SIGINT after step "),
+             (8, signal.SIGINT, False, True, 130, "stopped at once by a second SIGINT; continue from step_"),
+             (10, signal.SIGKILL, False, False, -9, None)]
+    killed = None
+    for i, (at, sig, group, twice, code, said) in enumerate(stops):
+        tag, before = f"t{os.getpid()}-{i}", _shm()
+        driver = _start(root, tmp_path, tag, *(launch if i == 0 else ["--resume", str(run)]))
+        _wait_for_steps(metrics, at, driver)
+        if killed is not None:  # this start has reclaimed what the SIGKILLed run left
+            assert _until_gone(killed[0]) == [] and not (killed[1] & _shm())
+        ours = _shm() - before
+        (os.killpg if group else os.kill)(driver.pid, sig)
+        if twice:
+            time.sleep(0.02)
+            os.kill(driver.pid, sig)
+        _, stderr = driver.communicate(timeout=300)
+        assert driver.returncode == code, stderr[-3000:]
+        if said is not None:
+            last = stderr.strip().splitlines()[-1]
+            assert last.startswith(said) and last.endswith(f"continue with: python driver.py --resume {run}") or \
+                said.startswith("stopped at once") and last.startswith(said), last
+            assert "Traceback" not in stderr and "SIGTERM received" not in stderr, stderr[-3000:]
+            assert (run / "metrics.parquet").exists() and (run / "report.html").exists()
+            assert _until_gone(tag) == [] and not (ours & _shm()), "a graceful stop leaves nothing behind"
+        else:
+            killed = (tag, ours)
+            assert ours & _shm(), "SIGKILL: the learner's file is still there until the next start"
+    tag = f"t{os.getpid()}-last"
+    final = _start(root, tmp_path, tag, "--resume", str(run))
+    _, stderr = final.communicate(timeout=600)
+    assert final.returncode == 0, stderr[-3000:]
+    assert _until_gone(killed[0]) == [] and not (killed[1] & _shm())
+    got, want = read_jsonl(metrics), read_jsonl(tmp_path / "calm" / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for a, b in zip(got, want, strict=True):
+        for key in COMPARED:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
