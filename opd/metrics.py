@@ -31,7 +31,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only directory: the write's own error is the one to report, not this cleanup's
+            pass
 
 
 def write_json_atomic(path: Path, obj) -> None:

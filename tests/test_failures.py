@@ -93,3 +93,20 @@ def test_non_finite_weights_after_a_step_stop_the_run(root):
     learner.optimizer.step = overflowing_step
     with pytest.raises(RuntimeError, match=r"optimizer step 1 made the student's weights non-finite"):
         learner.train_step(batch, parts)
+
+
+def test_a_failed_atomic_write_reports_its_own_error(tmp_path, monkeypatch):
+    """A read-only run directory: the write fails, and the cleanup of its temporary file fails too; the error
+    raised must be the write's (it was hidden behind the cleanup's, two chained OSErrors)."""
+    from pathlib import Path
+
+    from opd.metrics import write_json_atomic
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".x.json.tmp"))
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(OSError) as info:
+        write_json_atomic(tmp_path / "x.json", {"a": 1})
+    assert info.value.errno == errno.EROFS and info.value.__context__ is None
