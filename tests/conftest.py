@@ -22,3 +22,22 @@ def whole(parts, batch, field: str = "hidden_states"):
         out[part.token_index] = getattr(part, field)
     assert not out.isnan().any(), "the parts do not cover every response token"
     return out
+
+
+# One undisturbed run that the fault, signal and failure tests compare with (or continue from): the default
+# preset, 12 steps of 16 prompts, no evaluation between, a checkpoint every 4 steps.
+CALM_STEPS = 12
+CALM_ARGS = ("--set", f"train.steps={CALM_STEPS}", "--set", "train.eval_every=0", "--set", "train.save_every=4",
+             "--set", "train.prompts_per_step=16", "--set", "data.num_eval_prompts=16", "--set", "run.progress=false")
+
+
+@pytest.fixture(scope="session")
+def calm_run(root, tmp_path_factory) -> Path:
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("calm")
+    done = subprocess.run([sys.executable, "driver.py", *CALM_ARGS, "--set", f"run.out_dir={out}", "--set",
+                           "run.name=calm"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / "calm"

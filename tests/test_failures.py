@@ -15,6 +15,7 @@ import torch
 import driver
 from actors.learner import LearnerActor
 from opd import checkpoint
+from conftest import CALM_STEPS
 from opd.config import override, tiny_cpu
 
 
@@ -54,25 +55,23 @@ def test_without_a_checkpoint_or_a_writable_run_directory(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failure_after_preflight_through_the_driver(root, tmp_path):
+def test_a_failure_after_preflight_through_the_driver(root, tmp_path, calm_run):
     """A real driver whose run directory refuses a write at the end (report.html is a folder): exit 1, one line,
     the resume command; the run's records and checkpoint are intact."""
-    args = [sys.executable, "driver.py", "--set", "train.steps=2", "--set", "train.eval_every=0", "--set",
-            "run.progress=false", "--set", f"run.out_dir={tmp_path}", "--set", "run.name=r"]
-    first = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-2000:]
     run = tmp_path / "r"
+    shutil.copytree(calm_run, run)
     (run / "report.html").unlink()
     (run / "report.html").mkdir()
-    out = subprocess.run([sys.executable, "driver.py", "--resume", str(run), "--set", "train.steps=3"], cwd=root,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "driver.py", "--resume", str(run), "--set", f"train.steps={CALM_STEPS + 1}"],
+                         cwd=root, capture_output=True, text=True, timeout=600)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 1 and lines[-1].startswith("error: the run failed: Is a directory: "), out.stderr[-2000:]
-    assert lines[-1].endswith(f"then continue from step_3 with: python driver.py --resume {run}")
+    assert lines[-1].endswith(f"then continue from step_{CALM_STEPS + 1} with: python driver.py --resume {run}")
     assert "Traceback" not in out.stderr and "Traceback" in (run / "error.log").read_text()
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == CALM_STEPS + 1
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_non_finite_weights_after_a_step_stop_the_run(root):
     cfg = override(tiny_cpu(), "train.prompts_per_step=4")
     from actors.rollout import RolloutActor

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import CALM_ARGS, CALM_STEPS
 from opd.metrics import read_jsonl
 
-STEPS = 12
+
+STEPS = CALM_STEPS
 COMPARED = ("loss", "kl/forward/mean", "kl/reverse/mean", "grad/norm", "response/tokens/sum", "policy/version")
 
 
@@ -61,15 +63,10 @@ def _until_gone(tag: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_signals_stop_cleanly_and_the_run_resumes_exactly(root, tmp_path):
-    common = ["--set", f"train.steps={STEPS}", "--set", "train.eval_every=0", "--set", "train.save_every=4",
-              "--set", "train.prompts_per_step=16", "--set", "data.num_eval_prompts=16", "--set", "run.progress=false"]
-    calm = subprocess.run([sys.executable, "driver.py", *common, "--set", f"run.out_dir={tmp_path}",
-                           "--set", "run.name=calm"], cwd=root, capture_output=True, text=True, timeout=600)
-    assert calm.returncode == 0, calm.stderr[-3000:]
+def test_signals_stop_cleanly_and_the_run_resumes_exactly(root, tmp_path, calm_run):
     run = tmp_path / "stopped"
     metrics = run / "metrics.jsonl"
-    launch = [*common, "--set", f"run.out_dir={tmp_path}", "--set", "run.name=stopped"]
+    launch = [*CALM_ARGS, "--set", f"run.out_dir={tmp_path}", "--set", "run.name=stopped"]
     # (stop after step, signal, to the group, twice, expected exit, what the line says)
     stops = [(3, signal.SIGTERM, False, False, 143, "stopped by SIGTERM after step "),
              (6, signal.SIGINT, True, False, 130, "stopped by SIGINT after step "),
@@ -104,7 +101,7 @@ def test_signals_stop_cleanly_and_the_run_resumes_exactly(root, tmp_path):
     _, stderr = final.communicate(timeout=600)
     assert final.returncode == 0, stderr[-3000:]
     assert _until_gone(killed[0]) == [] and not (killed[1] & _shm())
-    got, want = read_jsonl(metrics), read_jsonl(tmp_path / "calm" / "metrics.jsonl")
+    got, want = read_jsonl(metrics), read_jsonl(calm_run / "metrics.jsonl")
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     for a, b in zip(got, want, strict=True):
         for key in COMPARED:
