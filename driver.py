@@ -93,7 +93,7 @@ def train(cfg: Config, prepared, actors, trackers) -> dict:
 
     run_dir, stream = prepared.run_dir, PromptStream(prepared.prompts.train, cfg.train.seed)
     skips = SkipGuard(cfg.train.max_consecutive_skips, run_dir)
-    checkpoints = Checkpoints(cfg, run_dir, actors.learner, stream, skips)
+    checkpoints = Checkpoints(cfg, run_dir, actors, stream, skips)
     # --resume: the learner's weights (in place), optimizer, scheduler and RNG, the data cursor and the step;
     # before the first sync below hands the weights to the engine
     start = checkpoints.restore(prepared.resume_from)
@@ -101,7 +101,7 @@ def train(cfg: Config, prepared, actors, trackers) -> dict:
     log.log_data_counts(prepared.prompts.counts)
     # The teacher's output head reaches the learner once (frozen); the learner's weights reach the engine
     # once as a shared-buffer handle, after which a sync only publishes the version.
-    ray.get(actors.learner.set_teacher_head.remote(actors.teacher.output_head.remote()))
+    actors.set_teacher_head()
     actors.sync()
     held_out = HeldOut(cfg, actors, prepared.prompts, log, load_tokenizer(model_source(cfg.model.student)))
     bar = tqdm(range(start + 1, cfg.train.steps + 1), desc="opd", disable=not cfg.run.progress, dynamic_ncols=True)
@@ -220,7 +220,7 @@ class Steps:
         clock.timed("teacher", self.actors.wait_scored, scores)
         training = self.actors.train_step(batch, scores)
         self.rollouts.prefetch(step + 1)  # run.overlap: the next step's rollout, sampled while the learner trains
-        metrics = clock.timed("train", ray.get, training)
+        metrics = clock.timed("train", self.actors.collect, training)
         clock.timed("overlap_wait", self.rollouts.wait_prefetched)
         return metrics
 

@@ -1,7 +1,9 @@
 """LearnerActor: the student forward, the chunked divergence to the teacher, the optimizer step.
 
-Its parameters live in a shared flat buffer that the cpu-mode rollout engine maps (transport/weights.py), so
-the optimizer step *is* the weight update; `export_weights` only says which version that is.
+One learner: its parameters live in a shared flat buffer that the cpu-mode rollout engine maps
+(transport/weights.py), so the optimizer step *is* the weight update; `export_weights` only says which version
+that is. `run.learner_replicas=N`: N of these, rank 0..N-1, the student sharded across them by FSDP2
+(opd/data_parallel.py); each gathers the whole weights into its own serving buffer at a sync.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from transformers import get_scheduler
 from actors.common import actor_device, init_process, join_groups, load, special_ids
 from actors.common import memory_stats, reset_peak_memory, return_cached_memory
 from kernels.chunked import chunked_divergence, chunked_sampled_rkl, chunked_token_logprobs
-from opd import checkpoint
+from opd import checkpoint, data_parallel
 from opd.batch import OutputHead, PackedRows, RolloutBatch, TeacherScores, padding_waste
 from opd.config import Config
 from opd.models import DTYPES, model_source
@@ -25,10 +27,12 @@ from transport import hidden_states, weights
 
 
 class LearnerActor:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, rank: int = 0, init_method: str = ""):
+        """`rank` of run.learner_replicas; `init_method`: rank 0's rendezvous address (tcp://host:port), when
+        there are several."""
         init_process(cfg)
         torch.manual_seed(cfg.train.seed)
-        self.cfg = cfg
+        self.cfg, self.rank, self.world = cfg, rank, cfg.run.learner_replicas
         self.eos_id, self.pad_id, self.vocab_size = special_ids(cfg.model.student)
         self.device = actor_device(cfg)
         self.model = load(cfg, "student", dtype="float32").to(self.device).train()  # fp32 master weights
@@ -37,22 +41,28 @@ class LearnerActor:
                 self.model.activation_checkpointing_enable({"use_reentrant": False})
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # cpu: the engine maps the fp32 master weights themselves. colocated: it maps a flat copy in the serving
-        # dtype that every sync refreshes in place (fp32 master weights stay the learner's own).
+        lc = cfg.learner
+        self.autocast = lc.compute_dtype == "bfloat16"  # bf16 matmuls over the fp32 master weights
+        self.student = data_parallel.Student(self.model)  # the forward that FSDP shards (one replica: as is)
+        if self.world > 1:
+            data_parallel.shard(self.student, data_parallel.init_group(rank, self.world, init_method, self.device),
+                                bf16=self.autocast and self.device.type == "cuda")
+        # cpu, one learner: the engine maps the fp32 master weights themselves. Otherwise it maps (or receives) a
+        # flat copy in the serving dtype that every sync refreshes in place (fp32 master weights stay the
+        # learner's own; sharded, each replica gathers the whole weights into its own copy).
         self.shared = self.serving = None
         if cfg.run.mode == "cpu":
             weights.reclaim_stale()  # what learners killed before their shutdown left in /dev/shm
+        if cfg.run.mode == "cpu" and self.world == 1:
             self.shared = weights.share_parameters(self.model, f"student-{uuid.uuid4().hex[:8]}")
         else:
-            self.serving = weights.ServingBuffer(weights.FlatLayout.of(self.model), DTYPES[cfg.model.dtype],
-                                                 device=self.device)
+            dtype = torch.float32 if cfg.run.mode == "cpu" else DTYPES[cfg.model.dtype]  # what the engine loaded
+            self.serving = weights.ServingBuffer(weights.FlatLayout.of(self.model), dtype, device=self.device)
             self.buckets = tuple(weights.plan_buckets(self.serving.layout,
                                                       element_bytes=self.serving.flat.element_size()))
         self._weights_group = None  # split mode, sglang engines: the torch.distributed group they joined
-        lc = cfg.learner
-        self.autocast = lc.compute_dtype == "bfloat16"  # bf16 matmuls over the fp32 master weights
-        # fused: one kernel for all parameters on CUDA (fp32 state either way)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lc.lr, betas=lc.adam_betas,
+        # fused: one kernel for all parameters on CUDA (fp32 state either way; sharded: this replica's shards)
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=lc.lr, betas=lc.adam_betas,
                                            weight_decay=lc.weight_decay, fused=self.device.type == "cuda")
         name = {"constant": "constant_with_warmup"}.get(lc.lr_schedule, lc.lr_schedule)
         self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=lc.warmup_steps,
@@ -146,41 +156,49 @@ class LearnerActor:
                                f"plan with the same learner.micro_batch_tokens")
         return packs
 
-    def _student_hidden(self, packed: PackedRows) -> torch.Tensor:
-        """Final hidden states `[n, d_s]` at the positions predicting the micro-batch's response tokens: one packed
-        row, position ids restarting per sequence, no attention mask and no KV cache (transformers keeps each
-        sequence's attention to itself only when both are absent)."""
+    def _forward(self, packed: PackedRows, loss_fn):
+        """`loss_fn(h_s, w_s)` on the student's final hidden states at the positions predicting the micro-batch's
+        response tokens and its output embedding (data_parallel.Student)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            hidden_1Td = self.model.get_decoder()(input_ids=packed.input_ids.to(self.device),
-                                                  position_ids=packed.position_ids.to(self.device),
-                                                  use_cache=False).last_hidden_state
-        return hidden_1Td[0, packed.positions.to(self.device)]
+            return self.student(packed.input_ids.to(self.device), packed.position_ids.to(self.device),
+                                packed.positions.to(self.device), loss_fn)
 
     def _micro_batch_loss(self, packed: PackedRows, batch: RolloutBatch, part: TeacherScores, num_tokens: int):
         """This micro-batch's share of the step's loss (normalised by all `num_tokens` response tokens of the
-        step, so the shares add up to the whole batch's loss) and its detached stats."""
-        lc = self.cfg.loss
-        h_s = self._student_hidden(packed)
+        step, so the shares add up to the whole batch's loss), its detached stats, and the canary: the largest
+        gap between the learner's and the sampler's log-prob of a sampled token (before the step changes the
+        weights; comparable only without top-k / top-p truncation)."""
+        lc, r = self.cfg.loss, self.cfg.rollout
         index = packed.token_index.to(self.device)
-        w_s, ones = self.model.get_output_embeddings().weight, torch.ones(h_s.shape[0], device=self.device)
-        if lc.kind == "sampled_rkl":
-            loss, stats = chunked_sampled_rkl(
-                h_s, w_s, batch.response_ids.to(self.device)[index], part.token_logprobs,
-                batch.logprobs.to(self.device)[index], ones, num_tokens=num_tokens, temperature=lc.temperature,
-                clip_ratio=lc.clip_ratio, valid_vocab=self.vocab_size, chunk_size=lc.chunk_size)
-            return h_s, loss, stats
-        loss, stats = self._divergence(h_s, part, num_tokens)
-        return h_s, loss, stats
+        sampled_ids, sampled_logprobs = batch.response_ids.to(self.device)[index], batch.logprobs.to(self.device)[index]
+        comparable = r.top_p == 1.0 and r.top_k == 0
 
-    def _divergence(self, h_s: torch.Tensor, part: TeacherScores, num_tokens: int):
+        def loss_fn(h_s, w_s):
+            if lc.kind == "sampled_rkl":
+                loss, stats = chunked_sampled_rkl(
+                    h_s, w_s, sampled_ids, part.token_logprobs, sampled_logprobs, torch.ones_like(sampled_logprobs),
+                    num_tokens=num_tokens, temperature=lc.temperature, clip_ratio=lc.clip_ratio,
+                    valid_vocab=self.vocab_size, chunk_size=lc.chunk_size)
+                return loss, stats[:3], stats[3]
+            loss, stats = self._divergence(h_s, w_s, part, num_tokens)
+            gap = torch.zeros((), device=self.device)
+            if comparable:
+                learner_logprobs = chunked_token_logprobs(h_s.detach(), w_s.detach(), sampled_ids,
+                                                          temperature=r.temperature, valid_vocab=self.vocab_size)
+                gap = (learner_logprobs - sampled_logprobs).abs().max()
+            return loss, stats, gap
+
+        return self._forward(packed, loss_fn)
+
+    def _divergence(self, h_s: torch.Tensor, w_s: torch.Tensor, part: TeacherScores, num_tokens: int):
         """The full-vocabulary divergence of a micro-batch's student states `h_s` to the teacher's states at the
         same response tokens (`part`), normalised by the step's `num_tokens`; with its detached stats."""
         lc = self.cfg.loss
         # the teacher's states arrive in its serving dtype; the kernel widens them one chunk at a time
         return chunked_divergence(
-            h_s, self.model.get_output_embeddings().weight, part.hidden_states, self.teacher_head.weight,
-            torch.ones(h_s.shape[0], device=self.device), kind=lc.kind, beta=lc.beta, temperature=lc.temperature,
-            valid_vocab=self.vocab_size, num_tokens=num_tokens, chunk_size=lc.chunk_size,
+            h_s, w_s, part.hidden_states, self.teacher_head.weight, torch.ones(h_s.shape[0], device=self.device),
+            kind=lc.kind, beta=lc.beta, temperature=lc.temperature, valid_vocab=self.vocab_size,
+            num_tokens=num_tokens, chunk_size=lc.chunk_size,
             operand_dtype=torch.bfloat16 if self.autocast else torch.float32)
 
     def train_step(self, batch: RolloutBatch, parts: Sequence[TeacherScores]) -> dict[str, float]:
@@ -189,7 +207,8 @@ class LearnerActor:
 
         The batch goes through the student in micro-batches of at most `learner.micro_batch_tokens` packed
         tokens; each one's backward adds its share to the gradients, so the step's loss and gradient are those
-        of the whole batch while memory follows the budget."""
+        of the whole batch while memory follows the budget. With several replicas each takes its share of the
+        micro-batches and FSDP sums their gradients: the same step."""
         assert self.teacher_head is not None, "set_teacher_head before train_step"
         start = time.perf_counter()
         batch.check()
@@ -202,10 +221,11 @@ class LearnerActor:
         packs = self._plan(batch, parts)
         loss, loss_metrics = self._forward_backward(batch, packs, parts)
         backward_done = _synchronized(loss)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.max_grad_norm)
-        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))  # host sync
+        grad_norm = data_parallel.replicated(
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.learner.max_grad_norm))
+        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))  # host sync; the same on every replica
         if finite:
-            self.optimizer.step()  # writes the shared buffer in place: the engine sees it at once
+            self.optimizer.step()  # one learner, cpu mode: writes the shared buffer in place, the engine sees it
             self.scheduler.step()
             self.version += 1
             self._check_weights_finite(float(grad_norm))
@@ -229,63 +249,71 @@ class LearnerActor:
             "timing/optimizer_s": optimizer_done - backward_done,
             "policy/version": float(self.version),
             "sync/policy_lag": float(lag),
+            **self._optimizer_memory(),
         }
+
+    def _optimizer_memory(self) -> dict[str, float]:
+        """The optimizer state's bytes: the most one replica holds, and all replicas' together."""
+        held = float(data_parallel.optimizer_state_bytes(self.optimizer))
+        most = data_parallel.all_reduce(torch.tensor([held], device=self.device), "max")
+        total = data_parallel.all_reduce(torch.tensor([held], device=self.device), "sum")
+        return {"memory/optimizer_state_bytes/replica_max": float(most[0]),
+                "memory/optimizer_state_bytes/total": float(total[0])}
 
     def _check_weights_finite(self, grad_norm: float) -> None:
         """A finite loss and gradient can still step to non-finite weights (an overflowing update): the engine
-        would sample from them next. One read of the weights per step, one host sync."""
-        norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
-        if not bool(torch.isfinite(torch.stack(norms)).all()):
+        would sample from them next. One read of the weights (this replica's shards) per step, one host sync."""
+        norms = torch._foreach_norm([data_parallel.local(p.detach()) for p in self.student.parameters()])
+        bad = data_parallel.all_reduce((~torch.isfinite(torch.stack(norms))).any().float().view(1), "max")
+        if bool(bad[0]):
             raise RuntimeError(f"optimizer step {self.version} made the student's weights non-finite (gradient norm "
                                f"{grad_norm:.3g}, learner.lr={self.cfg.learner.lr:g}): lower learner.lr")
 
     def _forward_backward(self, batch: RolloutBatch, packs: list[PackedRows], parts: Sequence):
-        """Each micro-batch's loss and backward (the gradients accumulate); the step's loss and its metrics, with
-        the canary: the largest gap between the learner's and the sampler's log-prob of a sampled token, taken
-        before the step changes the weights (comparable only without top-k / top-p truncation)."""
-        n, r = batch.num_response_tokens, self.cfg.rollout
-        sampled, comparable = self.cfg.loss.kind == "sampled_rkl", r.top_p == 1.0 and r.top_k == 0
-        loss = torch.zeros((), device=self.device)
-        stats = torch.zeros(4 if sampled else 3, device=self.device)  # sums (and, sampled_rkl, one max: [3])
-        gap = torch.zeros((), device=self.device)
-        for k, packed in enumerate(packs):
-            h_s, part, part_stats = self._micro_batch_loss(packed, batch, self._part(batch, packed, k, parts), n)
-            if comparable and not sampled:
-                index = packed.token_index.to(self.device)
-                learner_logprobs = chunked_token_logprobs(h_s.detach(), self.model.get_output_embeddings().weight,
-                                                          batch.response_ids.to(self.device)[index],
-                                                          temperature=r.temperature, valid_vocab=self.vocab_size)
-                gap = torch.maximum(gap, (learner_logprobs - batch.logprobs.to(self.device)[index]).abs().max())
+        """This replica's micro-batches' losses and backwards (the gradients accumulate); the step's loss and its
+        metrics over every replica's."""
+        n, sampled = batch.num_response_tokens, self.cfg.loss.kind == "sampled_rkl"
+        sums = torch.zeros(4, device=self.device)  # the loss, then the stats' sums
+        gap = torch.zeros(1, device=self.device)
+        for k in data_parallel.share(len(packs), self.rank, self.world):
+            if k is None:  # another replica has one more micro-batch: join its collectives
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    data_parallel.empty_pass(self.student, self.pad_id, self.device, backward=True)
+                continue
+            part, part_stats, part_gap = self._micro_batch_loss(packs[k], batch,
+                                                                self._part(batch, packs[k], k, parts), n)
             part.backward()  # this micro-batch's activations are freed here; its gradient share stays
-            loss += part.detach()
-            if sampled:
-                stats[:3] += part_stats[:3]
-                stats[3] = torch.maximum(stats[3], part_stats[3])
-            else:
-                stats += part_stats
+            sums += torch.cat([part.detach().view(1), part_stats])
+            gap = torch.maximum(gap, part_gap.detach().view(1))
+        loss, stats = data_parallel.all_reduce(sums)[0], sums[1:]
+        gap = data_parallel.all_reduce(gap, "max")[0]
         if sampled:
             metrics = {"kl/reverse/sampled_mean": -float(stats[0]) / n, "is_ratio/mean": float(stats[1]) / n,
                        "is_ratio/clipped_fraction": float(stats[2]) / n}
-            gap = stats[3]
         else:
             metrics = {"kl/forward/mean": float(stats[0]) / n, "kl/reverse/mean": float(stats[1]) / n,
                        "entropy/student/mean": float(stats[2]) / n}
+        comparable = self.cfg.rollout.top_p == 1.0 and self.cfg.rollout.top_k == 0
         return loss, {**metrics, "logprob/learner_minus_rollout/absmax": float(gap) if comparable else float("nan")}
 
     @torch.no_grad()
     def evaluate(self, batch: RolloutBatch, parts: Sequence[TeacherScores]) -> dict[str, float]:
         """Exact full-vocabulary KL between student and teacher on `batch` (no update), micro-batch by
-        micro-batch as in a step (`parts` as in `train_step`)."""
+        micro-batch as in a step (`parts` as in `train_step`; each replica its share)."""
         packs = self._plan(batch, parts)
-        self.model.eval()
+        self.student.eval()
         n = batch.num_response_tokens
         stats = torch.zeros(3, device=self.device)
         try:
-            for k, packed in enumerate(packs):
-                _, part = self._divergence(self._student_hidden(packed), self._part(batch, packed, k, parts), n)
-                stats += part
+            for k in data_parallel.share(len(packs), self.rank, self.world):
+                if k is None:
+                    data_parallel.empty_pass(self.student, self.pad_id, self.device, backward=False)
+                    continue
+                part = self._part(batch, packs[k], k, parts)
+                stats += self._forward(packs[k], lambda h_s, w_s: self._divergence(h_s, w_s, part, n))[1]
+            data_parallel.all_reduce(stats)
         finally:
-            self.model.train()
+            self.student.train()
             return_cached_memory(self.cfg, self.device)
         return {"kl/forward/mean": float(stats[0]) / n, "kl/reverse/mean": float(stats[1]) / n,
                 "entropy/student/mean": float(stats[2]) / n,
@@ -293,17 +321,37 @@ class LearnerActor:
 
     def save_checkpoint(self, path: str, run_state: dict) -> str:
         """An atomic checkpoint at `path` (opd/checkpoint.py): the student in Hugging Face format with its
-        tokenizer, the optimizer / scheduler / RNG state, and the driver's `run_state`; then older ones are pruned."""
-        checkpoint.write(Path(path), lambda tmp: checkpoint.save_learner(
-            tmp, self.model, self.optimizer, self.scheduler, version=self.version,
-            tokenizer_source=model_source(self.cfg.model.student)), {**run_state, "policy_version": self.version})
+        tokenizer, the optimizer / scheduler / RNG state, and the driver's `run_state`; then older ones are pruned.
+        Several replicas: every one calls this at once; rank 0 writes the checkpoint, the others their shards
+        into it (`_fill`)."""
+        if self.rank > 0:
+            self._fill(None)
+            return path
+        checkpoint.write(Path(path), self._fill, {**run_state, "policy_version": self.version})
         checkpoint.prune(Path(path).parent.parent, keep=self.cfg.train.keep_checkpoints)
         return path
 
+    def _fill(self, tmp: Path | None) -> None:
+        """The learner's files in the checkpoint's temporary folder `tmp` (rank 0's; the others are told it)."""
+        source = model_source(self.cfg.model.student)
+        if self.world == 1:
+            checkpoint.save_learner(tmp, self.model, self.optimizer, self.scheduler, version=self.version,
+                                    tokenizer_source=source)
+            return
+        tmp = Path(data_parallel.broadcast_object(str(tmp) if tmp is not None else None))
+        checkpoint.save_sharded(tmp, self.student, self.optimizer, self.scheduler, version=self.version,
+                                tokenizer_source=source, rank=self.rank, replicas=self.world)
+        data_parallel.barrier()  # every replica's shards are written before rank 0 seals the checkpoint
+
     def load_checkpoint(self, path: str) -> int:
-        """Restore a checkpoint into the live parameters (in place: cpu mode's engine maps them; colocated mode's
-        serving copy is refreshed from them at the next export). Returns the restored policy version."""
-        self.version = checkpoint.load_learner(Path(path), self.model, self.optimizer, self.scheduler)
+        """Restore a checkpoint into the live parameters (in place: cpu mode's engine maps them; the serving copy
+        is refreshed from them at the next export). Returns the restored policy version. Several replicas:
+        every one calls this at once."""
+        if self.world == 1:
+            self.version = checkpoint.load_learner(Path(path), self.model, self.optimizer, self.scheduler)
+        else:
+            self.version = checkpoint.load_sharded(Path(path), self.student, self.optimizer, self.scheduler,
+                                                   rank=self.rank, replicas=self.world)
         return self.version
 
     def shutdown(self) -> None:

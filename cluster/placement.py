@@ -30,13 +30,15 @@ COLOCATED_GPU_SHARES = {"rollout": 0.4, "teacher": 0.3, "learner": 0.3}
 
 
 def placement_plan(mode: str, cpus_per_actor: float, use_gpus: bool = True, *, rollout_replicas: int = 1,
-                   teacher_replicas: int = 1) -> PlacementPlan:
+                   teacher_replicas: int = 1, learner_replicas: int = 1, gpus: int = 1) -> PlacementPlan:
     """cpu (and any mode's plumbing run on CPU): one CPU bundle per actor, packed on one node (the shared-memory
-    transports need one machine). colocated: one bundle with one GPU shared through fractional num_gpus, so
-    every actor sees the same device (CUDA IPC needs that). split: the learner alone on the first GPU; rollout
-    replica i and teacher replica i share GPU 1 + i (the two-GPU benchmark layout with one of each)."""
+    transports need one machine). colocated: one bundle per GPU, its actors sharing it through fractional
+    num_gpus, so they see the same device (CUDA IPC needs that); with run.gpus=N, N such bundles, replica i of
+    each role on GPU i, packed onto as few nodes as hold them (several nodes when one does not: the learner
+    shards talk over NCCL, nothing else crosses GPUs). split: the learner alone on the first GPU; rollout replica
+    i and teacher replica i share GPU 1 + i (the two-GPU benchmark layout with one of each)."""
     c = cpus_per_actor
-    counts = {"rollout": rollout_replicas, "teacher": teacher_replicas, "learner": 1}
+    counts = {"rollout": rollout_replicas, "teacher": teacher_replicas, "learner": learner_replicas}
     if mode not in MODES:
         raise ConfigError(f"run.mode={mode!r} is unknown: use cpu, colocated or split")
     if mode == "cpu" or not use_gpus:
@@ -45,6 +47,10 @@ def placement_plan(mode: str, cpus_per_actor: float, use_gpus: bool = True, *, r
             places[role] = tuple(ActorPlace(len(bundles) + i, c, 0.0) for i in range(n))
             bundles += [{"CPU": c}] * n
         return PlacementPlan(bundles=tuple(bundles), strategy="STRICT_PACK", actors=places)
+    if mode == "colocated" and gpus > 1:  # config.py made every replica count equal to gpus
+        return PlacementPlan(bundles=({"CPU": c * len(counts), "GPU": 1},) * gpus, strategy="PACK",
+                             actors={role: tuple(ActorPlace(i, c, COLOCATED_GPU_SHARES[role]) for i in range(gpus))
+                                     for role in counts})
     if mode == "colocated":
         return PlacementPlan(bundles=({"CPU": c * sum(counts.values()), "GPU": 1},), strategy="STRICT_PACK",
                              actors={role: (ActorPlace(0, c, COLOCATED_GPU_SHARES[role] / n),) * n

@@ -108,6 +108,27 @@ def _merge_rollouts(offsets: list[int], *parts: RolloutBatch) -> RolloutBatch:
     return RolloutBatch.concat(list(parts))
 
 
+@ray.remote(num_cpus=0)
+def _endpoint() -> tuple[str, int]:
+    """A free port on the node this task runs on (learner rank 0's bundle): the learners' rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))  # free on every interface, as torch.distributed's rendezvous then listens
+        return ray.util.get_node_ip_address(), sock.getsockname()[1]
+
+
+def collect(refs: list[ray.ObjectRef]):
+    """Rank 0's result of a call every learner replica makes at once, after all of them returned; the first error
+    any raised, as soon as it is raised (a replica that failed leaves the others waiting in a collective, so
+    waiting on rank 0 first would hang)."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)
+    return ray.get(refs[0])
+
+
 @dataclass
 class Actors:
     """The run's actors and the phases of a step over them. The driver calls these and never sees how many
@@ -116,7 +137,7 @@ class Actors:
     cfg: Config
     rollouts: list[ray.actor.ActorHandle]
     teachers: list[ray.actor.ActorHandle]
-    learner: ray.actor.ActorHandle
+    learners: list[ray.actor.ActorHandle]  # one, or run.learner_replicas sharding the student (rank = index)
     group: PlacementGroup
     launch_s: float = 0.0  # placing and starting the actors (their models loaded), for the benchmark's start-up
     _sends: list = field(default_factory=list)  # split: the teachers' pending hidden-state sends
@@ -128,6 +149,26 @@ class Actors:
     @property
     def teacher(self) -> ray.actor.ActorHandle:
         return self.teachers[0]
+
+    @property
+    def learner(self) -> ray.actor.ActorHandle:
+        return self.learners[0]
+
+    collect = staticmethod(collect)  # the callers' way to wait on train_step / evaluate
+
+    def _learners(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
+        """`method` called on every learner replica at once (their collectives pair up); `collect` the result."""
+        return [getattr(learner, method).remote(*args, **kwargs) for learner in self.learners]
+
+    def set_teacher_head(self) -> None:
+        """The teacher's output head to every learner replica, once (frozen)."""
+        collect(self._learners("set_teacher_head", self.teacher.output_head.remote()))
+
+    def save_checkpoint(self, path: str, run_state: dict) -> str:
+        return collect(self._learners("save_checkpoint", path, run_state))
+
+    def load_checkpoint(self, path: str) -> int:
+        return collect(self._learners("load_checkpoint", path))
 
     def generate(self, prompts: list[list[int]], *, seed: int, greedy: bool = False) -> ray.ObjectRef:
         """One RolloutBatch for `prompts`: replica i samples the i-th consecutive share (seed + i)."""
@@ -158,26 +199,32 @@ class Actors:
         per_replica = [list(g) for g in scores]
         return [per_replica[k % len(scores)][k // len(scores)] for k in range(sum(map(len, per_replica)))]
 
-    def train_step(self, batch: ray.ObjectRef, scores: list[ray.ObjectRefGenerator]) -> ray.ObjectRef:
-        ref = self.learner.train_step.remote(batch, self._parts(scores))
+    def train_step(self, batch: ray.ObjectRef, scores: list[ray.ObjectRefGenerator]) -> list[ray.ObjectRef]:
+        """Every learner replica's step on the batch (each its share of the micro-batches): `collect` the metrics."""
+        refs = self._learners("train_step", batch, self._parts(scores))
         self._send_hidden()
-        return ref
+        return refs
 
-    def evaluate(self, batch: ray.ObjectRef, scores: list[ray.ObjectRefGenerator]) -> ray.ObjectRef:
-        ref = self.learner.evaluate.remote(batch, self._parts(scores))
+    def evaluate(self, batch: ray.ObjectRef, scores: list[ray.ObjectRefGenerator]) -> list[ray.ObjectRef]:
+        refs = self._learners("evaluate", batch, self._parts(scores))
         self._send_hidden()
-        return ref
+        return refs
 
     def _send_hidden(self) -> None:
         # split: each teacher sends what it scored while the learner receives it (checked at the next sync)
         if hidden_transport(self.cfg) == "collective":
             self._sends += [t.send_pending.remote() for t in self.teachers]
 
+    def _load(self, replicas: list[int], updates: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
+        """Rollout replica i loads learner replica i % N's update (colocated, run.gpus=N: the one on its GPU)."""
+        return [self.rollouts[i].load_weights.remote(updates[i % len(updates)]) for i in replicas]
+
     def sync(self) -> int:
         """The learner's current weights to every rollout replica; returns the version they all hold."""
-        update = self.learner.export_weights.remote()
-        loads = [r.load_weights.remote(update) for r in self.rollouts]
+        updates = self._learners("export_weights")  # sharded: each replica gathers the whole weights
+        loads = self._load(list(range(len(self.rollouts))), updates)
         broadcast = [self.learner.broadcast_weights.remote()] if self.cfg.run.mode == "split" else []
+        collect(updates + loads + broadcast)
         versions = ray.get(loads + broadcast)
         ray.get(self._sends)
         self._sends = []
@@ -191,10 +238,10 @@ class Actors:
         learner (its optimizer state is gone) or a split-mode group member stops the run."""
         self._sends = []
         resume = f"continue from the last checkpoint with: python driver.py --resume {run_dir}"
-        try:
-            ray.get(self.learner.weight_version.remote(), timeout=RECOVER_TIMEOUT_S)
+        try:  # a lost learner replica takes its shards of the weights and optimizer state with it
+            ray.get(self._learners("weight_version"), timeout=RECOVER_TIMEOUT_S)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            raise RunStopped(f"step {step}: the learner actor died ({type(error).__name__}); {resume}") from None
+            raise RunStopped(f"step {step}: a learner actor died ({type(error).__name__}); {resume}") from None
         if self.cfg.run.mode == "split" or not self.cfg.run.max_actor_restarts:
             why = ("split mode does not re-form its collective groups" if self.cfg.run.mode == "split"
                    else "run.max_actor_restarts=0")
@@ -205,18 +252,18 @@ class Actors:
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
             raise RunStopped(f"step {step}: a rollout or teacher actor did not come back ({type(e).__name__}, "
                              f"run.max_actor_restarts={self.cfg.run.max_actor_restarts}); {resume}") from None
-        stale = [r for r, v in zip(self.rollouts, versions, strict=True) if v < 0]  # restarted: no weights yet
+        stale = [i for i, v in enumerate(versions) if v < 0]  # restarted: no weights yet
         if stale:
-            update = self.learner.export_weights.remote(full=True)
-            ray.get([r.load_weights.remote(update) for r in stale])
+            updates = self._learners("export_weights", full=True)
+            collect(updates + self._load(stale, updates))
 
     def shutdown(self, wait_s: float = 60.0) -> None:
         """Release the learner's shared buffer, then stop the actors this run started (by handle)."""
         try:
-            ray.get(self.learner.shutdown.remote(), timeout=wait_s)
+            ray.get(self._learners("shutdown"), timeout=wait_s)
         except (ray.exceptions.RayError, TimeoutError) as e:  # a dead learner: its file may stay in /dev/shm
             logging.getLogger(__name__).warning("learner shutdown failed (%s)", type(e).__name__)
-        for handle in (*self.rollouts, *self.teachers, self.learner):
+        for handle in (*self.rollouts, *self.teachers, *self.learners):
             ray.kill(handle)
         remove_placement_group(self.group)
 
@@ -256,7 +303,7 @@ def launch(cfg: Config) -> Actors:
     collective groups (learner -> engines for weights, teachers -> learner for hidden states) are joined here."""
     r, t0 = cfg.run, time.perf_counter()
     plan = placement_plan(r.mode, r.cpus_per_actor, use_gpus=uses_gpus(cfg), rollout_replicas=r.rollout_replicas,
-                          teacher_replicas=r.teacher_replicas)
+                          teacher_replicas=r.teacher_replicas, learner_replicas=r.learner_replicas, gpus=r.gpus)
     group = placement_group(list(plan.bundles), strategy=plan.strategy)
     try:
         ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
@@ -266,9 +313,12 @@ def launch(cfg: Config) -> Actors:
                           f"needs {list(plan.bundles)} ({plan.strategy}); free or add resources, or lower "
                           f"run.cpus_per_actor / the replica counts") from None
 
+    def bundle(role: str, i: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(placement_group=group,
+                                                placement_group_bundle_index=plan.actors[role][i].bundle)
+
     def place(cls, role: str, i: int = 0, *args):
-        where = plan.actors[role][i]
-        strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=where.bundle)
+        where, strategy = plan.actors[role][i], bundle(role, i)
         # rollout and teacher hold no state a restart loses (the weights come back from the learner)
         restarts = r.max_actor_restarts if role != "learner" and r.mode != "split" else 0
         return ray.remote(cls).options(num_cpus=where.num_cpus, num_gpus=where.num_gpus, max_restarts=restarts,
@@ -279,8 +329,13 @@ def launch(cfg: Config) -> Actors:
         # The engines start, and sglang reserves its KV cache, before the teacher and learner load on the same GPU:
         # sglang sizes the cache from the memory free when it starts, so a model loading meanwhile would shrink it.
         ray.get([e.weight_version.remote() for e in rollouts])
+    init_method = ""
+    if r.learner_replicas > 1:  # the learners' rendezvous: a free port on rank 0's node (no torchrun)
+        address, port = ray.get(_endpoint.options(scheduling_strategy=bundle("learner", 0)).remote())
+        init_method = f"tcp://{address if uses_gpus(cfg) else '127.0.0.1'}:{port}"  # CPU: one node, loopback
     actors = Actors(cfg, rollouts=rollouts, teachers=[place(TeacherActor, "teacher", i, i) for i in range(r.teacher_replicas)],
-                    learner=place(LearnerActor, "learner"), group=group)
+                    learners=[place(LearnerActor, "learner", i, i, init_method) for i in range(r.learner_replicas)],
+                    group=group)
     if r.mode == "split":
         _join_groups(cfg, actors)
     actors.launch_s = time.perf_counter() - t0

@@ -3,7 +3,9 @@
 `run_dir/checkpoints/step_<N>/` holds the student in Hugging Face format (`save_pretrained`, safetensors) with
 its tokenizer, so `from_pretrained(step_<N>)` works as is, and beside it:
 
-* `trainer_state.pt`: the learner's optimizer, LR-scheduler and RNG states and its policy version;
+* `trainer_state.pt`: the learner's optimizer, LR-scheduler and RNG states and its policy version; with
+  run.learner_replicas=N > 1 the optimizer state is sharded instead, each replica's shards in `optimizer/`
+  (torch.distributed.checkpoint), and each further replica's RNG in `rng_rank<r>.pt`;
 * `run_state.json`: the driver's side: the step, the data cursor (`PromptStream.state()`), the skip streak, and
   the resolved config, which a resume is checked against;
 * `manifest.json`, written last: every other file with its size and sha256. A step directory without it is not
@@ -201,17 +203,15 @@ class Checkpoints:
     """When the driver saves (every train.save_every steps and at the last step), what it adds to the learner's
     state (step, data cursor, skip streak, config), and the restore of a resumed run."""
 
-    def __init__(self, cfg: Config, run_dir: Path, learner, stream, skips):
-        self.cfg, self.run_dir, self.learner, self.stream, self.skips = cfg, Path(run_dir), learner, stream, skips
+    def __init__(self, cfg: Config, run_dir: Path, actors, stream, skips):
+        self.cfg, self.run_dir, self.actors, self.stream, self.skips = cfg, Path(run_dir), actors, stream, skips
         self.last: str | None = None  # the newest checkpoint written or restored
 
     def restore(self, path: Path | None) -> int:
         """Load `path` (verified by preflight) into the learner and the stream; returns its step (0: no resume)."""
         if path is None:
             return 0
-        import ray
-
-        version = ray.get(self.learner.load_checkpoint.remote(str(path)))
+        version = self.actors.load_checkpoint(str(path))
         state = read_run_state(path)
         if state.get("policy_version", version) != version:  # each file is whole (the manifest), but together?
             from opd.metrics import RunStopped
@@ -228,11 +228,9 @@ class Checkpoints:
         """Save at train.save_every steps, at the last step, and at the step a signal stops the run after."""
         every = self.cfg.train.save_every
         if stopping or step == self.cfg.train.steps or (every and step % every == 0):
-            import ray
-
             run_state = {"step": step, "data": self.stream.state(), "skip_streak": self.skips.streak,
                          "config": self.cfg.to_dict()}
-            self.last = ray.get(self.learner.save_checkpoint.remote(str(step_dir(self.run_dir, step)), run_state))
+            self.last = self.actors.save_checkpoint(str(step_dir(self.run_dir, step)), run_state)
 
 
 # ---------------------------------------------------------------- the learner's state
@@ -248,33 +246,89 @@ def save_learner(path: Path, model, optimizer, scheduler, *, version: int, token
                 "rng": rng_state()}, Path(path) / TRAINER_STATE)
 
 
+def save_sharded(path: Path, student, optimizer, scheduler, *, version: int, tokenizer_source: str, rank: int,
+                 replicas: int) -> None:
+    """`save_learner` for run.learner_replicas > 1, called by every replica on the same `path` (collectives):
+    the whole student gathered to rank 0 and saved there in Hugging Face format, as one learner saves it; each
+    replica's optimizer shards through torch.distributed.checkpoint; the scheduler (the same on every replica)
+    and the replica count in trainer_state.pt. Several nodes: `path` must be on a filesystem all of them see."""
+    from transformers import AutoTokenizer
+
+    from opd import data_parallel
+
+    path, model = Path(path), student.model
+    whole = data_parallel.full_state_dict(model)
+    if rank == 0:
+        tied = ({n for n, _ in model.named_parameters(remove_duplicate=False)} -
+                {n for n, _ in model.named_parameters()})  # lm_head.weight when it is embed_tokens: saved once
+        model.save_pretrained(path, state_dict={k: v for k, v in whole.items() if k not in tied})
+        AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(path)
+        torch.save({"optimizer": None, "scheduler": scheduler.state_dict(), "version": version, "rng": rng_state(),
+                    "learner_replicas": replicas}, path / TRAINER_STATE)
+    else:
+        torch.save({"rng": rng_state()}, path / f"rng_rank{rank}.pt")
+    data_parallel.save_optimizer(path, student, optimizer)
+
+
+def _trainer_state(path: Path, replicas: int) -> dict:
+    """trainer_state.pt, refused when another number of learner replicas wrote it (its optimizer state is laid
+    out for that many)."""
+    state = torch.load(Path(path) / TRAINER_STATE, map_location="cpu", weights_only=True)
+    saved = state.get("learner_replicas", 1)
+    if saved != replicas:
+        raise ConfigError(f"checkpoint {path} was written by {saved} learner replica(s), this run has {replicas}: "
+                          f"resume with run.learner_replicas={saved} (the optimizer state is sharded {saved} way(s); "
+                          f"resharding it is not supported)")
+    return state
+
+
+def _read_weights(path: Path, model) -> dict[str, torch.Tensor]:
+    """The student's weights in checkpoint `path`, checked against `model`'s names (tied ones may be absent)."""
+    from safetensors.torch import load_file
+
+    saved = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        saved.update(load_file(f))
+    live = model.state_dict(keep_vars=True)  # every name, tied ones included (lm_head.weight = embed_tokens)
+    unknown = sorted(set(saved) - set(live))
+    if unknown:
+        raise ValueError(f"checkpoint {path} holds {unknown[:3]}, which the student does not have: another model")
+    primary = {n for n, _ in model.named_parameters()}  # a tied parameter under its first name
+    missing = sorted(primary - set(saved))
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {missing[:3]}: another model")
+    return saved
+
+
 @torch.no_grad()
 def load_learner(path: Path, model, optimizer, scheduler) -> int:
     """Restore `save_learner`'s state into live objects; returns the policy version.
 
     The weights are copied *into* the existing parameters: in cpu mode they are views of the shared buffer
     the rollout engine maps, and replacing the tensors would cut the engine off."""
-    from safetensors.torch import load_file
-
     path = Path(path)
-    saved = {}
-    for f in sorted(path.glob("*.safetensors")):
-        saved.update(load_file(f))
-    live = model.state_dict(keep_vars=True)  # every name, tied ones included (lm_head.weight = embed_tokens)
-    unknown = sorted(set(saved) - set(live))
-    if unknown:
-        raise ValueError(f"checkpoint {path} holds {unknown[:3]}, which the student does not have: another model")
-    for name, value in saved.items():
+    state = _trainer_state(path, 1)
+    live = model.state_dict(keep_vars=True)
+    for name, value in _read_weights(path, model).items():
         live[name].copy_(value)
-    loaded = {id(live[name]) for name in saved}
-    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    missing = [name for name, t in live.items() if name in params and id(t) not in loaded]
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks {missing[:3]}: another model")
-    state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])  # moves its tensors to the parameters' device
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
+    return int(state["version"])
+
+
+def load_sharded(path: Path, student, optimizer, scheduler, *, rank: int, replicas: int) -> int:
+    """Restore `save_sharded`'s state on every replica (collectives): each reads the whole weights and keeps its
+    shards, and its optimizer shards; returns the policy version."""
+    from opd import data_parallel
+
+    path = Path(path)
+    state = _trainer_state(path, replicas)
+    data_parallel.load_full_state_dict(student.model, _read_weights(path, student.model))
+    data_parallel.load_optimizer(path, student, optimizer)
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"] if rank == 0 else
+                  torch.load(path / f"rng_rank{rank}.pt", map_location="cpu", weights_only=True)["rng"])
     return int(state["version"])
 
 

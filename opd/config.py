@@ -187,6 +187,12 @@ class RunConfig:
     resume: str = ""  # a run directory to continue from its latest checkpoint (set by --resume RUN_DIR)
     rollout_replicas: int = 1  # rollout actors; the step's prompts are split between them
     teacher_replicas: int = 1  # teacher actors; the step's samples are split between them
+    # learner actors training one student data-parallel (torch FSDP2: parameters, gradients and optimizer state
+    # sharded across them; NCCL on GPUs, gloo on CPU); each trains its share of the step's micro-batches
+    learner_replicas: int = 1
+    # colocated mode's GPUs: each holds one rollout engine, one teacher and one learner shard (the data-parallel
+    # colocated layout); the replica counts left at 1 follow it
+    gpus: int = 1
     # split mode: sample step k+1 while the learner trains step k (one step off-policy, `sync/policy_lag`)
     overlap: bool = False
     # cpu / colocated: a rollout or teacher actor that dies is restarted (Ray max_restarts) up to this many times
@@ -213,6 +219,29 @@ class RunConfig:
                  f"run.name={self.name!r} must be one folder name (no '/', no '..'): the run is written to "
                  f"run.out_dir/<run.name>")
         _require(self.threads_per_actor > 0, f"run.threads_per_actor={self.threads_per_actor} must be > 0")
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        """run.gpus and run.learner_replicas against the mode; colocated's replica counts left at 1 follow gpus."""
+        _require(self.learner_replicas > 0, f"run.learner_replicas={self.learner_replicas} must be > 0")
+        _require(self.gpus > 0, f"run.gpus={self.gpus} must be > 0")
+        _require(self.gpus == 1 or self.mode == "colocated",
+                 f"run.gpus={self.gpus} is the colocated layout's GPU count: use run.mode=colocated (split mode's "
+                 f"GPUs follow run.rollout_replicas / run.teacher_replicas; cpu mode uses run.learner_replicas)")
+        _require(self.learner_replicas == 1 or self.mode != "split",
+                 f"run.learner_replicas={self.learner_replicas}: split mode keeps one learner GPU; for a "
+                 f"data-parallel learner on GPUs use run.mode=colocated with run.gpus=N")
+        if self.mode != "colocated":
+            return
+        _require(self.learner_replicas in (1, self.gpus),
+                 f"run.learner_replicas={self.learner_replicas}: colocated mode puts one learner shard on each GPU; "
+                 f"set run.gpus={self.learner_replicas} instead")
+        for name in ("rollout_replicas", "teacher_replicas", "learner_replicas"):
+            n = getattr(self, name)
+            _require(self.gpus == 1 or n in (1, self.gpus),
+                     f"run.{name}={n} with run.gpus={self.gpus}: colocated mode puts one of each on every GPU; "
+                     f"leave run.{name} at 1 or set it to {self.gpus}")
+            object.__setattr__(self, name, self.gpus if self.gpus > 1 else n)  # frozen: resolved once, here
 
 
 @dataclass(frozen=True, kw_only=True)

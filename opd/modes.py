@@ -18,9 +18,10 @@ def uses_gpus(cfg: Config) -> bool:
 
 
 def gpus_needed(cfg: Config) -> int:
-    """colocated: one GPU for everything; split: the learner's GPU plus one per rollout/teacher pair."""
+    """colocated: run.gpus, each holding one of every actor; split: the learner's GPU plus one per rollout/teacher
+    pair."""
     r = cfg.run
-    return {"cpu": 0, "colocated": 1, "split": 1 + max(r.rollout_replicas, r.teacher_replicas)}[r.mode]
+    return {"cpu": 0, "colocated": r.gpus, "split": 1 + max(r.rollout_replicas, r.teacher_replicas)}[r.mode]
 
 
 def hidden_transport(cfg: Config) -> str:
@@ -98,7 +99,7 @@ def check_cpus(cfg: Config) -> None:
     if cfg.run.ray_address or os.environ.get("RAY_ADDRESS"):
         return
     r = cfg.run
-    actors = r.rollout_replicas + r.teacher_replicas + 1
+    actors = r.rollout_replicas + r.teacher_replicas + r.learner_replicas
     have = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if r.cpus_per_actor * actors > have:
         raise ConfigError(f"run.cpus_per_actor={r.cpus_per_actor:g} for {actors} actors asks for "
@@ -125,5 +126,6 @@ def check_devices(cfg: Config) -> None:
         return
     if state.unusable:
         raise ConfigError(f"run.mode={cfg.run.mode} needs {needed} GPU(s): {state.why}")
+    fewer = " or lower run.gpus" if cfg.run.gpus > 1 else ""
     raise ConfigError(f"run.mode={cfg.run.mode} needs {needed} GPU(s), this machine has {state.usable}: use --mode "
-                      f"cpu (or --set run.device=cpu to run the mode's plumbing on the CPU)")
+                      f"cpu{fewer} (or --set run.device=cpu to run the mode's plumbing on the CPU)")

@@ -98,7 +98,7 @@ def run_bench(cfg: Config) -> dict:
 
     with topology.running(cfg) as actors:
         t0 = time.perf_counter()
-        ray.get(actors.learner.set_teacher_head.remote(actors.teacher.output_head.remote()))
+        actors.set_teacher_head()
         actors.sync()
         startup_s = actors.launch_s + time.perf_counter() - t0  # launch, the teacher's head, the first sync
         steps, memory = _steps(cfg, actors, valid_vocab)
@@ -110,7 +110,7 @@ def run_bench(cfg: Config) -> dict:
 
 
 def _roles(actors) -> dict[str, list]:
-    return {"rollout": list(actors.rollouts), "teacher": list(actors.teachers), "learner": [actors.learner]}
+    return {"rollout": list(actors.rollouts), "teacher": list(actors.teachers), "learner": list(actors.learners)}
 
 
 def _memory(actors, method: str) -> dict[str, list[dict]]:
@@ -146,7 +146,7 @@ def _steps(cfg: Config, actors, valid_vocab: int) -> tuple[list[dict], dict]:
         scores = actors.score(batch)
         actors.wait_scored(scores)
         t2 = time.perf_counter()
-        metrics = ray.get(actors.train_step(batch, scores))
+        metrics = actors.collect(actors.train_step(batch, scores))
         t3 = time.perf_counter()
         version = actors.sync()
         t4 = time.perf_counter()

@@ -34,7 +34,7 @@ def evaluate(actors, prompt_set: PromptSet, tokenizer: PreTrainedTokenizerBase, 
     out = {"eval/accuracy/student": accuracy(ray.get(greedy), prompt_set, tokenizer)}
     # the learner's result before the teacher's answers: in split mode the teacher runs `generate` only after its
     # hidden-state sends, which a learner that failed never receives; its error is raised here instead of a hang
-    kl_metrics = ray.get(kl)
+    kl_metrics = actors.collect(kl)
     out["eval/accuracy/teacher"] = (teacher_accuracy if teacher is None
                                     else accuracy(ray.get(teacher), prompt_set, tokenizer))
     out.update({f"eval/{k}": v for k, v in kl_metrics.items()})

@@ -292,16 +292,14 @@ def test_resume_trust_files_of_two_checkpoints(tmp_path, run_dir, monkeypatch):
     """Each file whole (the manifest checks that), but run_state.json and trainer_state.pt of different steps."""
     from opd.metrics import RunStopped
 
-    class Learner:  # the actor's answer: the version trainer_state.pt holds
-        class load_checkpoint:
-            @staticmethod
-            def remote(path):
-                return 5
+    class Actors:  # the learners' answer: the version trainer_state.pt holds
+        @staticmethod
+        def load_checkpoint(path):
+            return 5
 
-    monkeypatch.setattr("ray.get", lambda ref: ref)
     path = checkpoint.step_dir(run_dir, 2)
     state = checkpoint.read_run_state(path)
-    restore = checkpoint.Checkpoints(tiny_cpu(), run_dir, Learner, stream=None, skips=None).restore
+    restore = checkpoint.Checkpoints(tiny_cpu(), run_dir, Actors, stream=None, skips=None).restore
     monkeypatch.setattr(checkpoint, "read_run_state", lambda p: {**state, "policy_version": 2})
     with pytest.raises(RunStopped, match=r"run_state.json was written at policy version 2 and trainer_state.pt at 5"):
         restore(path)

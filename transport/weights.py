@@ -179,7 +179,13 @@ class ServingBuffer:
     def refresh(self, model: nn.Module) -> None:
         params = [p.detach() for _, p in model.named_parameters()]
         assert len(params) == len(self._views), "the model's parameters changed since the buffer was laid out"
-        torch._foreach_copy_(self._views, params)  # one fused cast-copy launch on GPU
+        if not any(hasattr(p, "full_tensor") for p in params):
+            torch._foreach_copy_(self._views, params)  # one fused cast-copy launch on GPU
+            return
+        # sharded (FSDP2 DTensors): every replica calls this at once; one parameter gathered at a time, so the
+        # whole fp32 weights never exist beside the buffer
+        for view, param in zip(self._views, params, strict=True):
+            view.copy_(param.full_tensor())
 
     def named_views(self) -> list[tuple[str, torch.Tensor]]:
         return list(zip(self.layout.names, self._views, strict=True))
