@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 OPTIMIZER_DIR = "optimizer"  # a checkpoint's sharded optimizer state (torch.distributed.checkpoint)
+_REPLICAS = None  # the learners' process group in this process, once `init_group` joined it
 
 
 class Student(nn.Module):
@@ -43,10 +44,13 @@ def init_group(rank: int, world: int, init_method: str, device: torch.device):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    global _REPLICAS
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             device_id=device if device.type == "cuda" else None)
-    return init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
+    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
+    _REPLICAS = mesh.get_group()
+    return mesh
 
 
 def shard(student: Student, mesh, *, bf16: bool) -> None:
@@ -85,11 +89,12 @@ def empty_pass(student: Student, pad_id: int, device: torch.device, *, backward:
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """`t` summed (or maxed) over the learner replicas, in place; unchanged with one."""
+    """`t` summed (or maxed) over the learner replicas, in place; unchanged with one (whose process may be in
+    another torch.distributed world: split mode's groups, which this must not touch)."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    if _REPLICAS is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=_REPLICAS)
     return t
 
 
@@ -145,11 +150,11 @@ def broadcast_object(obj, src: int = 0):
     import torch.distributed as dist
 
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=_REPLICAS)
     return box[0]
 
 
 def barrier() -> None:
     import torch.distributed as dist
 
-    dist.barrier()
+    dist.barrier(group=_REPLICAS)

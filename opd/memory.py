@@ -400,12 +400,20 @@ def actor_plans(cfg: Config, student: Arch, teacher: Arch, step: Step, device: D
     m, n, packed = step.micro_batch(lc.micro_batch_tokens)
     blocks = LOSS_BLOCKS * min(chunk, n) * valid_vocab * 4  # a chunk is at most the micro-batch's response tokens
 
-    # learner: fp32 master weights, grads and AdamW's two moments; the loss over one micro-batch at a time
-    p4 = student.params * 4
+    # learner: fp32 master weights, grads and AdamW's two moments (run.learner_replicas=N: each replica its 1/N
+    # shard, FSDP2); the loss over one micro-batch at a time
+    k = cfg.run.learner_replicas
+    p4 = math.ceil(student.params * 4 / k)
     learner = [Term("weights", p4, "model", True), Term("grads", p4, "model", True),
                Term("optimizer", 2 * p4, "model", True), framework]
-    if mode != "cpu":  # the flat copy the engines read, in model.dtype
-        learner.append(Term("serving buffer", student.params * b, "model", True))
+    if mode != "cpu" or k > 1:  # the flat copy the engines read (model.dtype; cpu mode fp32), whole on every replica
+        learner.append(Term("serving buffer", student.params * (b if mode != "cpu" else 4), "model", True))
+    if k > 1:  # FSDP's gathered units while they compute: the root (embeddings, output head, kept gathered through
+        # the step) and two decoder layers (one prefetched), their parameters and unsharded gradients
+        layer = (student.params - s.head_params * (1 if s.tied else 2) - s.hidden) // max(1, s.layers)
+        gathered = student.params - s.layers * layer + 2 * layer
+        gathered_bytes = 2 if on_gpu and compute == "bfloat16" else 4
+        learner.append(Term("gathered by FSDP", gathered * (gathered_bytes + 4), "model"))
     learner.append(Term("teacher head", t.vocab * t.hidden * 4, "vocabulary", True))  # OutputHead, fp32
     if mode != "colocated":  # one micro-batch's part at a time; colocated maps the teacher's tensor (no copy)
         learner.append(Term("received teacher states", n * state_bytes, "micro-batch tokens",
@@ -437,7 +445,7 @@ def actor_plans(cfg: Config, student: Arch, teacher: Arch, step: Step, device: D
         # One micro-batch: the step drops the previous step's gradients first (zero_grad(set_to_none=True)) and
         # backward rebuilds them as the activations are freed, so they are not there at the activations' peak
         # (measured: docs/memory_plan.md). With several micro-batches the first one's gradients are.
-        learner.append(Term("grads not yet rebuilt", -p4, "model"))
+        learner.append(Term("grads not yet rebuilt", -p4, "model"))  # (this replica's shard of them)
     if not on_gpu:  # the CPU's single-tensor AdamW: a temporary the size of the largest parameter, after backward
         learner.append(Term("optimizer step", 2 * s.vocab * s.hidden * 4, "model", phase="optimizer"))
 
@@ -490,7 +498,8 @@ def plan(cfg: Config, device: Device, *, prompt_tokens: int | None = None) -> Me
         return MemoryPlan(device, mode, not_planned=f"not planned: no shape for {', '.join(missing)} (no local "
                                                     f"config.json, no {SHAPES_DIR}/ file, not in the HF cache)")
     actors = actor_plans(cfg, archs["student"], archs["teacher"], step_of(cfg, prompt_tokens), device)
-    rep = {"rollout": cfg.run.rollout_replicas, "teacher": cfg.run.teacher_replicas, "learner": 1}
+    rep = {"rollout": cfg.run.rollout_replicas, "teacher": cfg.run.teacher_replicas,
+           "learner": cfg.run.learner_replicas}
 
     def together(roles: tuple[str, ...], returned: bool, replicas: bool = True) -> int:
         """The need of `roles` sharing one device: every persistent term, plus the largest phase when each phase
@@ -504,6 +513,9 @@ def plan(cfg: Config, device: Device, *, prompt_tokens: int | None = None) -> Me
     everyone = ("rollout", "teacher", "learner")
     if device.kind != "cuda" or not uses_gpus(cfg):
         uses = (DeviceUse("RAM", everyone, together(everyone, returned=True), device.total_bytes),)
+    elif mode == "colocated" and cfg.run.gpus > 1:  # one of each on every GPU: the same need on each
+        uses = (DeviceUse(f"each of GPUs 0-{cfg.run.gpus - 1}", everyone,
+                          together(everyone, returned=True, replicas=False), device.total_bytes),)
     elif mode == "colocated":
         uses = (DeviceUse("GPU 0", everyone, together(everyone, returned=True), device.total_bytes),)
     else:  # split: the learner alone on GPU 0; rollout replica i and teacher replica i share GPU 1 + i

@@ -2,7 +2,8 @@
 
 In two processes without Ray (tests/dp_pair.py): one step on a batch whose micro-batch count is odd (so one
 replica runs an empty pass), the same loss and weights as one learner and half its optimizer state each. Then end
-to end under Ray (four driver runs, module fixture): 3 steps of the default preset with 2 learner replicas give
+to end under Ray (four driver runs, module fixture; the 2-replica one is README's command with this test's
+settings after it): 3 steps of the default preset with 2 learner replicas give
 the single learner's weights; the data-parallel colocated layout (run.gpus=2, its plumbing on the CPU) gives cpu
 mode's metrics; a run resumed from a 2-replica checkpoint is the uninterrupted one, bit for bit; another
 replica count is refused.
@@ -16,6 +17,7 @@ one learner's."""
 
 import json
 import math
+import shlex
 import shutil
 import subprocess
 import sys
@@ -87,6 +89,60 @@ def test_layouts_are_checked_before_anything_starts():
     assert (run.rollout_replicas, run.teacher_replicas, run.learner_replicas) == (2, 2, 2)
 
 
+def test_preflight_refuses_more_gpus_than_the_machine_has(monkeypatch):
+    from opd import modes
+
+    cfg = override(override(tiny_cpu(), "run.mode=colocated"), "run.gpus=2")
+    monkeypatch.setattr(modes, "cuda_state", lambda: modes.CudaState("13.0", "580.65", 1, 1))
+    with pytest.raises(ConfigError, match=r"run.mode=colocated needs 2 GPU\(s\), this machine has 1: use --mode cpu "
+                                          r"or lower run.gpus"):
+        modes.check_devices(cfg)
+    monkeypatch.setattr(modes, "cuda_state", lambda: modes.CudaState("13.0", "580.65", 2, 2))
+    modes.check_devices(cfg)  # two GPUs: accepted
+    many = override(override(tiny_cpu(), "run.learner_replicas=4"), "run.cpus_per_actor=0.4")
+    with pytest.raises(ConfigError, match=r"for 6 actors asks for 2.4 CPUs"):  # learners count as actors
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+        modes.check_cpus(many)
+
+
+def readme_command(root, start: str) -> list[str]:
+    """The arguments of the README line that starts with `start` (its comment dropped), as a user types them."""
+    lines = [ln for ln in (root / "README.md").read_text().splitlines() if ln.startswith(start)]
+    assert len(lines) == 1, f"README shows one line starting {start!r}"
+    return shlex.split(lines[0], comments=True)
+
+
+def test_readme_memory_plan_of_two_gpus(root, capsys):
+    from opd import memory
+
+    args = readme_command(root, ".venv/bin/python -m opd.memory --preset qwen25_1p5b_from_7b")
+    assert args[:3] == [".venv/bin/python", "-m", "opd.memory"]
+    memory.main(args[3:])
+    assert "each of GPUs 0-1 (H20, 96.0 GiB) needs 49.1 GiB" in capsys.readouterr().out
+    memory.main([a for a in args[3:] if a not in ("--set", "run.gpus=2")])  # the same on one GPU
+    assert "GPU 0 (H20, 96.0 GiB) needs 77.6 GiB" in capsys.readouterr().out
+    assert "49.1 GiB on each of two H20s, against 77.6 GiB on one" in (root / "README.md").read_text()
+
+
+def test_memory_plan_shards_the_learner():
+    from opd.memory import Device, plan
+
+    base = override(override(tiny_cpu(), "model.student=Qwen/Qwen2.5-1.5B-Instruct"),
+                    "model.teacher=Qwen/Qwen2.5-7B-Instruct")
+    one = override(base, "run.mode=colocated")
+    two = override(one, "run.gpus=2")
+    device = Device.gpu(96 << 30, "H20", 2)
+    plans = {n: plan(c, device) for n, c in (("one", one), ("two", two))}
+    terms = {n: {t.name: t.bytes for t in p.actors["learner"].terms} for n, p in plans.items()}
+    for name in ("weights", "grads", "optimizer"):  # each replica holds half
+        assert terms["two"][name] == pytest.approx(terms["one"][name] / 2, abs=4)
+    assert terms["two"]["serving buffer"] == terms["one"]["serving buffer"]  # whole on every GPU
+    assert 0 < terms["two"]["gathered by FSDP"] < terms["one"]["weights"]
+    assert "gathered by FSDP" not in terms["one"]
+    assert [u.name for u in plans["two"].uses] == ["each of GPUs 0-1"]
+    assert plans["two"].uses[0].need_bytes < plans["one"].uses[0].need_bytes
+
+
 # ---------------------------------------------------------------- end to end under Ray
 
 COMMON = ["train.steps=3", "train.save_every=2", "train.eval_every=0", "train.prompts_per_step=2",
@@ -108,10 +164,10 @@ def _sets(settings) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(root, tmp_path_factory):
     out = tmp_path_factory.mktemp("dp")
-    named = {"one": [], "two": ["run.learner_replicas=2"], "colocated": ["run.mode=colocated", "run.device=cpu",
-                                                                          "run.gpus=2"]}
+    readme = readme_command(root, ".venv/bin/python driver.py --set run.learner_replicas=2")[2:]  # + the settings
+    named = {"one": [], "two": readme, "colocated": _sets(["run.mode=colocated", "run.device=cpu", "run.gpus=2"])}
     for name, extra in named.items():
-        _driver(root, *_sets(COMMON + [f"run.out_dir={out}", f"run.name={name}"] + extra))
+        _driver(root, *extra, *_sets(COMMON + [f"run.out_dir={out}", f"run.name={name}"]))
     cut = out / "cut"  # the 2-replica run as a crash after step 2 leaves it, resumed
     shutil.copytree(out / "two", cut)
     shutil.rmtree(cut / "checkpoints" / "step_3")
