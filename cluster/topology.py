@@ -118,13 +118,16 @@ def _endpoint() -> tuple[str, int]:
         return ray.util.get_node_ip_address(), sock.getsockname()[1]
 
 
-def collect(refs: list[ray.ObjectRef]):
+def collect(refs: list[ray.ObjectRef], timeout: float | None = None):
     """Rank 0's result of a call every learner replica makes at once, after all of them returned; the first error
     any raised, as soon as it is raised (a replica that failed leaves the others waiting in a collective, so
-    waiting on rank 0 first would hang)."""
-    pending = list(refs)
+    waiting on rank 0 first would hang). GetTimeoutError after `timeout` seconds."""
+    pending, deadline = list(refs), None if timeout is None else time.monotonic() + timeout
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not ready:
+            raise ray.exceptions.GetTimeoutError(f"{len(pending)} learner replica(s) did not answer in {timeout} s")
         ray.get(ready)
     return ray.get(refs[0])
 
@@ -239,7 +242,7 @@ class Actors:
         self._sends = []
         resume = f"continue from the last checkpoint with: python driver.py --resume {run_dir}"
         try:  # a lost learner replica takes its shards of the weights and optimizer state with it
-            ray.get(self._learners("weight_version"), timeout=RECOVER_TIMEOUT_S)
+            collect(self._learners("weight_version"), timeout=RECOVER_TIMEOUT_S)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             raise RunStopped(f"step {step}: a learner actor died ({type(error).__name__}); {resume}") from None
         if self.cfg.run.mode == "split" or not self.cfg.run.max_actor_restarts:

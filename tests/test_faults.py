@@ -74,9 +74,11 @@ def test_killed_rollout_and_teacher_are_restarted_and_no_step_is_lost(root, tmp_
 
 
 @pytest.mark.slow
-def test_a_killed_learner_stops_the_run_with_the_resume_command(root, tmp_path):
-    driver = subprocess.Popen(_args(tmp_path, "learner"), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_killed_learner_stops_the_run_with_the_resume_command(root, tmp_path, replicas):
+    """One learner, or one of two learner replicas (the other then waits in a collective: the run still stops)."""
+    driver = subprocess.Popen(_args(tmp_path, "learner", "--set", f"run.learner_replicas={replicas}"), cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_steps(tmp_path / "learner" / "metrics.jsonl", 2, driver)
         psutil.Process(_actor_pid(driver, "LearnerActor")).send_signal(signal.SIGKILL)
@@ -86,5 +88,5 @@ def test_a_killed_learner_stops_the_run_with_the_resume_command(root, tmp_path):
             driver.kill()
     assert driver.returncode == 1
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("error: step ") and "the learner actor died" in last
+    assert last.startswith("error: step ") and "a learner actor died" in last
     assert f"python driver.py --resume {tmp_path / 'learner'}" in last and "Traceback" not in stderr
