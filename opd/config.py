@@ -17,7 +17,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOSSES = ("fkl", "rkl", "jsd", "sampled_rkl")
 MODES = ("cpu", "colocated", "split")
 ENGINES = ("hf", "sglang")
-SAMPLERS = ("auto", "torch", "flashinfer")
+SAMPLERS = ("auto", "torch", "flashinfer", "generate")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -74,7 +74,8 @@ class RolloutConfig:
     top_k: int = 0  # 0 = off
     max_new_tokens: int = 8
     ignore_eos: bool = False  # every response runs to max_new_tokens (benchmarks: fixed-length responses)
-    # hf engine on a GPU: FlashInfer's top-k / top-p sampling from probabilities (auto: when installed)
+    # hf engine: its own KV-cached decode loop sampling with torch, or on a GPU with FlashInfer's kernels (auto:
+    # FlashInfer when installed on a GPU, else torch); generate: transformers' `generate`, the reference
     sampler: str = "auto"
     mem_fraction: float = 0.4  # sglang: GPU memory fraction for its weights and KV cache (mem_fraction_static)
 

@@ -1,7 +1,7 @@
 """The hf engine's sampling contract and the batch layout every actor relies on."""
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from actors.engines.hf import HFEngine
 from opd.batch import RolloutBatch
@@ -75,7 +75,7 @@ def test_decode_loop_matches_generate(root):
     engine.sampler = "torch"
     greedy = engine.generate(prompts, max_new_tokens=6, greedy=True)
     assert greedy.responses() == reference.responses() and greedy.finish_reasons == reference.finish_reasons
-    assert torch.allclose(greedy.logprobs, reference.logprobs, atol=1e-5)
+    assert torch.allclose(greedy.logprobs, reference.logprobs, atol=1e-5) and engine._own_head
     sampled = engine.generate(prompts, num_samples=4, temperature=0.7, max_new_tokens=6, seed=3)
     _check_sampled_logprobs(engine, sampled, 0.7)
     truncated = engine.generate(prompts, num_samples=4, temperature=1.3, top_k=5, top_p=0.8, max_new_tokens=6,
@@ -84,6 +84,34 @@ def test_decode_loop_matches_generate(root):
     for prompt, response in zip(truncated.prompts(), truncated.responses(), strict=True):  # only top-5 tokens
         logits = engine.model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1: -1]
         assert all(t in row.topk(5).indices.tolist() for t, row in zip(response, logits, strict=True))
+
+
+def greedy_equals_generate(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int):
+    """The decode loop's greedy tokens, log-probs and finish reasons against transformers' generate on `model`."""
+    engine = HFEngine(model, eos_id=eos_id, pad_id=pad_id, sampler=None)
+    reference = engine.generate(prompts, max_new_tokens=max_new_tokens, greedy=True)
+    engine.sampler = "torch"
+    greedy = engine.generate(prompts, max_new_tokens=max_new_tokens, greedy=True)
+    assert greedy.responses() == reference.responses() and greedy.finish_reasons == reference.finish_reasons
+    assert torch.allclose(greedy.logprobs, reference.logprobs, atol=1e-4)
+    assert engine._own_head  # the engine's `w @ h.T` head was checked equal to the model's own
+    return greedy
+
+
+def test_decode_loop_matches_generate_on_a_random_qwen3(tmp_path):
+    """Qwen3-1.7B's widths (2048 hidden, 16 heads of 128, qk-norm) cut to one layer and 8192 output rows, random
+    weights; prompts of different lengths (left padding) for 12 tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from opd.shapes import shape_config, write_model_folder
+
+    folder = write_model_folder(tmp_path / "qwen3", shape_config("qwen3-1.7b"), 8192, num_layers=1, vocab_size=8192)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    prompts = torch.randint(3, 8192, (3, 9), generator=torch.Generator().manual_seed(1)).tolist()
+    greedy = greedy_equals_generate(model, [prompts[0], prompts[1][:4], prompts[2][:7]], eos_id=1, pad_id=0,
+                                    max_new_tokens=12)
+    assert len(set(greedy.response_ids.tolist())) > 3  # the responses are not one repeated token
 
 
 def test_filter_probs_against_transformers_warpers():

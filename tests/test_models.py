@@ -250,3 +250,10 @@ def test_smollm2_assets(tmp_path):
     torch.testing.assert_close(student.model.layers[1].mlp.down_proj.weight,
                                teacher.model.layers[10].mlp.down_proj.weight)
     torch.testing.assert_close(student.lm_head.weight, teacher.lm_head.weight)
+
+    # the engine's decode loop on the real weights: greedy tokens and log-probs as transformers' generate
+    from test_engine_and_batch import greedy_equals_generate
+
+    prompts = [student_tokenizer(p).input_ids for p in ("What is 12 + 30?", "Name a colour.")]
+    greedy_equals_generate(student, prompts, eos_id=student_tokenizer.eos_token_id,
+                           pad_id=student_tokenizer.pad_token_id, max_new_tokens=10)

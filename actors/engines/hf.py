@@ -1,10 +1,13 @@
-"""The reference rollout engine: a transformers model and `generate`, on CPU or one GPU.
+"""The hf rollout engine: a transformers model and the engine's own KV-cached decode loop (or transformers'
+`generate`, the reference: rollout.sampler=generate), on CPU or one GPU.
 
 It follows the engine protocol every engine implements: `generate`, `load_weights`, `weight_version`,
 `release_memory`, `resume_memory`.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
@@ -15,14 +18,15 @@ from transport.weights import (ServingBuffer, WeightUpdate, attach_parameters, a
 
 
 def resolve_sampler(name: str, device: torch.device) -> str | None:
-    """None: transformers' `generate` (CPU, the reference); "torch" / "flashinfer": this engine's own decode loop
-    on a GPU, sampling with torch or with FlashInfer's kernels (auto: FlashInfer when it is installed)."""
-    if device.type != "cuda" and name == "auto":
+    """None: transformers' `generate` (rollout.sampler=generate, the reference); "torch" / "flashinfer": this
+    engine's own decode loop, sampling with torch (CPU or GPU) or with FlashInfer's kernels (auto: FlashInfer on a
+    GPU when it is installed, torch otherwise)."""
+    if name == "generate":
         return None
     if name == "auto":
         import importlib.util
 
-        return "flashinfer" if importlib.util.find_spec("flashinfer") else "torch"
+        return "flashinfer" if device.type == "cuda" and importlib.util.find_spec("flashinfer") else "torch"
     return name
 
 
@@ -31,6 +35,7 @@ class HFEngine:
         self.model = model.eval()
         self.eos_id, self.pad_id = eos_id, pad_id
         self.sampler = sampler  # None: transformers' generate; "torch" | "flashinfer": the decode loop below
+        self._own_head: bool | None = None  # whether `_logits` is the model's own head (checked at first use)
         self._version = -1  # no weights published yet
         self._buffer: ServingBuffer | None = None  # split mode: the buffer the broadcast lands in
 
@@ -117,24 +122,45 @@ class HFEngine:
             policy_version=self._version,
         ).check()
 
+    def _next_logits(self, input_ids, attention_mask, position_ids, cache):
+        """fp32 logits `[B, V]` of the last position, and the cache. The last position only: the prefill would
+        otherwise make `[B, prompt, V]` logits it never samples from. The output projection is `w @ h.T`: on the
+        CPU, MKL's path for `h @ w.T` with a few rows is ~4x slower at V = 32k (8.6 vs 2.0 ms, one thread),
+        which made it most of a decode step. The first prefill checks it against the model's own head; a model
+        that scales or caps its logits keeps its own forward."""
+        # transformers >= 5.2x names the KV cache `cache` (`past_key_values` before, deprecated since)
+        key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        if self._own_head is False:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=True, logits_to_keep=1, **{key: cache})
+            return out.logits[:, -1].float(), getattr(out, key)
+        out = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=True, **{key: cache})
+        w = self.model.get_output_embeddings().weight
+        logits = (w @ out.last_hidden_state[:, -1].T).T.float()
+        if self._own_head is None and cache is None:
+            theirs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=False, logits_to_keep=1).logits[:, -1].float()
+            self._own_head = torch.allclose(logits, theirs, rtol=1e-3, atol=1e-4 * float(theirs.abs().max()))
+            if not self._own_head:
+                return theirs, getattr(out, key)  # the same cache: only the head differs
+        return logits, getattr(out, key)
+
     def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                 greedy: bool, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                 ignore_eos: bool = False):
         """A KV-cached decode loop that samples with torch or FlashInfer (GPU). Returns `[B, max_new_tokens]`
         token ids (pad after end-of-sequence) and the log-prob of each under the distribution sampled from
-        (after temperature, top-k and top-p, renormalised), as `generate` + `compute_transition_scores` do."""
+        (after temperature, top-k and top-p, renormalised), as `generate` + `compute_transition_scores` do; no
+        `[B, V]` scores are kept between steps."""
         rows = input_ids.shape[0]
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         tokens, logprobs = [], []
         done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+        padded = not bool(attention_mask.all())  # no padding: no mask to build at every step
         step_ids, step_pos, cache = input_ids, positions, None
         for _ in range(max_new_tokens):
-            # logits of the last position only: the prefill would otherwise make [B, prompt, V] logits it never
-            # samples from
-            out = self.model(input_ids=step_ids, attention_mask=attention_mask, position_ids=step_pos,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
-            logits = out.logits[:, -1].float()
+            logits, cache = self._next_logits(step_ids, attention_mask if padded else None, step_pos, cache)
             if ignore_eos:  # as generate's min_new_tokens: end-of-sequence cannot be sampled
                 logits[:, self.eos_id] = float("-inf")
             if greedy:
@@ -150,7 +176,8 @@ class HFEngine:
             done |= token == self.eos_id
             if bool(done.all()):
                 break
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            if padded:
+                attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             step_ids, step_pos = token[:, None], step_pos[:, -1:] + 1
         pad = max_new_tokens - len(tokens)
         ids = torch.nn.functional.pad(torch.stack(tokens, 1), (0, pad), value=self.pad_id)
@@ -171,9 +198,16 @@ def filter_probs(probs: torch.Tensor, *, top_k: int, top_p: float) -> torch.Tens
 
 
 def sample_from(probs: torch.Tensor, sampler: str) -> torch.Tensor:
-    """One token id per row of (already truncated and renormalised) probabilities."""
+    """One token id per row of (already truncated and renormalised) probabilities.
+
+    torch: by the inverse of the cumulative distribution, one uniform number per row (`torch.multinomial` draws
+    one per vocabulary entry: 1.4 ms for two rows at V = 32k on one CPU thread, a third of a decode step). The
+    uniform is kept below the total, so the token found always has a positive probability."""
     if sampler == "flashinfer":
         import flashinfer
 
         return flashinfer.sampling.sampling_from_probs(probs).long()
-    return torch.multinomial(probs, 1)[:, 0]
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.minimum(torch.rand_like(total) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True)[:, 0]
