@@ -255,5 +255,6 @@ def test_smollm2_assets(tmp_path):
     from test_engine_and_batch import greedy_equals_generate
 
     prompts = [student_tokenizer(p).input_ids for p in ("What is 12 + 30?", "Name a colour.")]
+    # log-probs: 7-8e-5 apart measured (logits of tens over 49,152 rows, the projection summed in another order)
     greedy_equals_generate(student, prompts, eos_id=student_tokenizer.eos_token_id,
-                           pad_id=student_tokenizer.pad_token_id, max_new_tokens=10)
+                           pad_id=student_tokenizer.pad_token_id, max_new_tokens=10, atol=5e-4)
