@@ -81,13 +81,9 @@ class LearnerActor:
 
     def endpoint(self) -> tuple[str, int]:
         """An address and free port on this node for a torch.distributed rendezvous (rank 0 listens)."""
-        import socket
+        from transport.groups import free_endpoint
 
-        import ray
-
-        with socket.socket() as sock:
-            sock.bind(("", 0))  # free on every interface, as torch.distributed's rendezvous then listens
-            return ray.util.get_node_ip_address(), sock.getsockname()[1]
+        return free_endpoint()
 
     def join_sglang_group(self, master_address: str, master_port: int, world_size: int, group_name: str) -> None:
         """split mode with sglang engines: rank 0 of the torch.distributed group they open with

@@ -24,7 +24,7 @@ from opd.batch import RolloutBatch
 from opd.config import PROJECT_ROOT, Config, ConfigError
 from opd.metrics import Interrupted, RunStopped
 from opd.modes import hidden_transport, uses_gpus
-from transport.groups import GroupSpec
+from transport.groups import GroupSpec, free_endpoint
 from transport.hidden_states import HIDDEN_GROUP
 from transport.weights import WEIGHTS_GROUP
 
@@ -108,14 +108,7 @@ def _merge_rollouts(offsets: list[int], *parts: RolloutBatch) -> RolloutBatch:
     return RolloutBatch.concat(list(parts))
 
 
-@ray.remote(num_cpus=0)
-def _endpoint() -> tuple[str, int]:
-    """A free port on the node this task runs on (learner rank 0's bundle): the learners' rendezvous."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("", 0))  # free on every interface, as torch.distributed's rendezvous then listens
-        return ray.util.get_node_ip_address(), sock.getsockname()[1]
+_endpoint = ray.remote(num_cpus=0)(free_endpoint)  # run in learner rank 0's bundle: the learners' rendezvous
 
 
 def collect(refs: list[ray.ObjectRef], timeout: float | None = None):

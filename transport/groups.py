@@ -29,6 +29,17 @@ class GroupSpec:
     init_method: str  # tcp://address:port of the learner's rendezvous
 
 
+def free_endpoint() -> tuple[str, int]:
+    """This node's address and a free port on it, for a torch.distributed rendezvous that rank 0 listens on."""
+    import socket
+
+    import ray
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))  # free on every interface, as torch.distributed's rendezvous then listens
+        return ray.util.get_node_ip_address(), sock.getsockname()[1]
+
+
 class Group:
     """One logical group as this process sees it: ranks are the group's own (0 = learner)."""
 

@@ -35,7 +35,9 @@ class HFEngine:
         self.model = model.eval()
         self.eos_id, self.pad_id = eos_id, pad_id
         self.sampler = sampler  # None: transformers' generate; "torch" | "flashinfer": the decode loop below
-        self._own_head: bool | None = None  # whether `_logits` is the model's own head (checked at first use)
+        self._own_head: bool | None = None  # whether `w @ h.T` is the model's own head (checked at first use)
+        # transformers >= 5.2x names the KV cache `cache` (`past_key_values` before, deprecated since)
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._version = -1  # no weights published yet
         self._buffer: ServingBuffer | None = None  # split mode: the buffer the broadcast lands in
 
@@ -128,8 +130,7 @@ class HFEngine:
         CPU, MKL's path for `h @ w.T` with a few rows is ~4x slower at V = 32k (8.6 vs 2.0 ms, one thread),
         which made it most of a decode step. The first prefill checks it against the model's own head; a model
         that scales or caps its logits keeps its own forward."""
-        # transformers >= 5.2x names the KV cache `cache` (`past_key_values` before, deprecated since)
-        key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        key = self._cache_kw
         if self._own_head is False:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=True, logits_to_keep=1, **{key: cache})
