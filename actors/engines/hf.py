@@ -7,6 +7,8 @@ It follows the engine protocol every engine implements: `generate`, `load_weight
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 
 import torch
@@ -35,6 +37,9 @@ class HFEngine:
         self.model = model.eval()
         self.eos_id, self.pad_id = eos_id, pad_id
         self.sampler = sampler  # None: transformers' generate; "torch" | "flashinfer": the decode loop below
+        # the CPU decode loop's projections (see `_few_rows_linear`)
+        self._few_rows = {m: functools.partial(_few_rows_linear, m) for m in self.model.modules()
+                          if type(m) is torch.nn.Linear}
         self._own_head: bool | None = None  # whether `w @ h.T` is the model's own head (checked at first use)
         # transformers >= 5.2x names the KV cache `cache` (`past_key_values` before, deprecated since)
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
@@ -153,40 +158,76 @@ class HFEngine:
         """A KV-cached decode loop that samples with torch or FlashInfer (GPU). Returns `[B, max_new_tokens]`
         token ids (pad after end-of-sequence) and the log-prob of each under the distribution sampled from
         (after temperature, top-k and top-p, renormalised), as `generate` + `compute_transition_scores` do; no
-        `[B, V]` scores are kept between steps."""
+        `[B, V]` scores are kept between steps. Finished rows keep decoding padding (masked out of the result)."""
         rows = input_ids.shape[0]
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         tokens, logprobs = [], []
         done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
         padded = not bool(attention_mask.all())  # no padding: no mask to build at every step
         step_ids, step_pos, cache = input_ids, positions, None
-        for _ in range(max_new_tokens):
-            logits, cache = self._next_logits(step_ids, attention_mask if padded else None, step_pos, cache)
-            if ignore_eos:  # as generate's min_new_tokens: end-of-sequence cannot be sampled
-                logits[:, self.eos_id] = float("-inf")
-            if greedy:
-                token = logits.argmax(-1)
-                logprob = torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
-            else:
-                probs = filter_probs(torch.softmax(logits / temperature, -1), top_k=top_k, top_p=top_p)
-                token = sample_from(probs, self.sampler)
-                logprob = probs.gather(-1, token[:, None])[:, 0].log()
-            token = torch.where(done, self.pad_id, token)
-            tokens.append(token)
-            logprobs.append(torch.where(done, 0.0, logprob))
-            done |= token == self.eos_id
-            if bool(done.all()):
-                break
-            if padded:
-                attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-            step_ids, step_pos = token[:, None], step_pos[:, -1:] + 1
+        with few_row_projections(self._few_rows) if self.model.device.type == "cpu" else contextlib.nullcontext():
+            for _ in range(max_new_tokens):
+                logits, cache = self._next_logits(step_ids, attention_mask if padded else None, step_pos, cache)
+                if ignore_eos:  # as generate's min_new_tokens: end-of-sequence cannot be sampled
+                    logits[:, self.eos_id] = float("-inf")
+                if greedy:
+                    token = logits.argmax(-1)
+                    logprob = torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
+                else:
+                    if temperature != 1.0:
+                        logits = logits / temperature
+                    probs = filter_probs(torch.softmax(logits, -1), top_k=top_k, top_p=top_p)
+                    token = sample_from(probs, self.sampler)
+                    logprob = probs.gather(-1, token[:, None])[:, 0].log()
+                token = torch.where(done, self.pad_id, token)
+                tokens.append(token)
+                logprobs.append(torch.where(done, 0.0, logprob))
+                done |= token == self.eos_id
+                if bool(done.all()):
+                    break
+                if padded:
+                    attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+                step_ids, step_pos = token[:, None], step_pos[:, -1:] + 1
         pad = max_new_tokens - len(tokens)
         ids = torch.nn.functional.pad(torch.stack(tokens, 1), (0, pad), value=self.pad_id)
         return ids.cpu(), torch.nn.functional.pad(torch.stack(logprobs, 1), (0, pad)).cpu()
 
 
+# A decode step's projections have one row per sequence; above this many rows the usual `x @ w.T` is as fast
+# (measured at 1-32 rows on the side-by-side student, one thread).
+FEW_ROWS = 4
+
+
+def _few_rows_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` as `(w @ x.T).T` when `x` has a few rows. On the CPU, MKL's `x @ w.T` with two rows reads
+    weights the output head has just pushed out of the caches at about a quarter of the memory bandwidth: the
+    side-by-side student's 14 projections take 1.1 ms a decode step that way, 0.46 ms as `w @ x.T` (one thread)."""
+    rows = x.numel() // x.shape[-1]
+    if rows > FEW_ROWS:
+        return torch.nn.functional.linear(x, module.weight, module.bias)
+    y = (module.weight @ x.reshape(rows, -1).T).T.contiguous()
+    if module.bias is not None:
+        y += module.bias
+    return y.view(*x.shape[:-1], -1)
+
+
+@contextlib.contextmanager
+def few_row_projections(forwards: dict[torch.nn.Linear, functools.partial]):
+    """For the duration: each `nn.Linear` projection uses its `_few_rows_linear` (an instance attribute over the
+    class's forward, removed on exit; the parameters are untouched)."""
+    for module, forward in forwards.items():
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module in forwards:
+            del module.forward
+
+
 def filter_probs(probs: torch.Tensor, *, top_k: int, top_p: float) -> torch.Tensor:
     """Top-k then top-p (nucleus) truncation of `[B, V]` probabilities, renormalised (transformers' order)."""
+    if top_k <= 0 and top_p >= 1.0:
+        return probs
     if top_k > 0:
         kth = probs.topk(min(top_k, probs.shape[-1]), dim=-1).values[:, -1:]
         probs = probs.masked_fill(probs < kth, 0.0)
