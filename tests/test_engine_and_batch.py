@@ -158,18 +158,26 @@ def test_concat_refuses_shards_of_different_versions():
         RolloutBatch.concat([_batch([[1]], [[2]], version=1), _batch([[1]], [[2]], version=2)])
 
 
-def test_few_row_projections_equal_linear_and_are_removed_after():
-    """The CPU decode loop's projections (`w @ x.T` for a few rows) equal nn.Linear, bias included, for 1-6 rows
-    (above FEW_ROWS the usual path), in float64; the class's forward is back afterwards."""
-    from actors.engines.hf import FEW_ROWS, _few_rows_linear, few_row_projections
+def test_decode_projections_equal_linear_and_are_removed_after():
+    """The CPU decode loop's projections (`w @ x.T` for a few short rows, oneDNN's linear for long ones, else
+    `x @ w.T`) equal nn.Linear computed in float64, bias included, on both sides of every threshold; the class's
+    forward is back afterwards."""
+    from actors.engines.hf import FEW_ROWS, ONEDNN_MAX_ROWS, ONEDNN_MIN_INPUTS, _few_rows_linear, few_row_projections
 
     torch.manual_seed(0)
-    layers = [torch.nn.Linear(24, 40, bias=bias, dtype=torch.float64) for bias in (True, False)]
-    forwards = {m: functools.partial(_few_rows_linear, m) for m in layers}
-    for rows in range(1, FEW_ROWS + 3):
-        x = torch.randn(rows, 1, 24, dtype=torch.float64)
-        want = [torch.nn.functional.linear(x, m.weight, m.bias) for m in layers]
-        with few_row_projections(forwards):
-            got = [m(x) for m in layers]
-        assert all(g.shape == (rows, 1, 40) and torch.allclose(g, w, rtol=0, atol=1e-12) for g, w in zip(got, want))
-    assert all("forward" not in vars(m) for m in layers)
+    for inputs in (24, ONEDNN_MIN_INPUTS + 8):
+        layers = [torch.nn.Linear(inputs, 40, bias=bias) for bias in (True, False)]
+        for m in layers:
+            torch.nn.init.normal_(m.weight)
+            if m.bias is not None:
+                torch.nn.init.normal_(m.bias)
+        forwards = {m: functools.partial(_few_rows_linear, m) for m in layers}
+        for rows in (1, FEW_ROWS, FEW_ROWS + 1, ONEDNN_MAX_ROWS, ONEDNN_MAX_ROWS + 1):
+            x = torch.randn(rows, 1, inputs)
+            with few_row_projections(forwards):
+                got = [m(x) for m in layers]
+            for g, m in zip(got, layers, strict=True):
+                want = torch.nn.functional.linear(x.double(), m.weight.double(),
+                                                  None if m.bias is None else m.bias.double())
+                assert g.shape == (rows, 1, 40) and torch.allclose(g.double(), want, rtol=0, atol=1e-5 * inputs ** 0.5)
+        assert all("forward" not in vars(m) for m in layers)

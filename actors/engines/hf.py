@@ -37,7 +37,7 @@ class HFEngine:
         self.model = model.eval()
         self.eos_id, self.pad_id = eos_id, pad_id
         self.sampler = sampler  # None: transformers' generate; "torch" | "flashinfer": the decode loop below
-        # the CPU decode loop's projections (see `_few_rows_linear`)
+        # the CPU decode loop's projections (see `cpu_project`)
         self._few_rows = {m: functools.partial(_few_rows_linear, m) for m in self.model.modules()
                           if type(m) is torch.nn.Linear}
         self._own_head: bool | None = None  # whether `w @ h.T` is the model's own head (checked at first use)
@@ -131,10 +131,10 @@ class HFEngine:
 
     def _next_logits(self, input_ids, attention_mask, position_ids, cache):
         """fp32 logits `[B, V]` of the last position, and the cache. The last position only: the prefill would
-        otherwise make `[B, prompt, V]` logits it never samples from. The output projection is `w @ h.T`: on the
-        CPU, MKL's path for `h @ w.T` with a few rows is ~4x slower at V = 32k (8.6 vs 2.0 ms, one thread),
-        which made it most of a decode step. The first prefill checks it against the model's own head; a model
-        that scales or caps its logits keeps its own forward."""
+        otherwise make `[B, prompt, V]` logits it never samples from. The output projection is the engine's own:
+        `w @ h.T` (on the CPU, MKL's path for `h @ w.T` with a few rows is ~4x slower at V = 32k: 8.6 vs 2.0 ms,
+        one thread, most of a decode step), or oneDNN's for long rows on the CPU (`cpu_project`). The first prefill
+        checks it against the model's own head; a model that scales or caps its logits keeps its own forward."""
         key = self._cache_kw
         if self._own_head is False:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -142,8 +142,8 @@ class HFEngine:
             return out.logits[:, -1].float(), getattr(out, key)
         out = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                        use_cache=True, **{key: cache})
-        w = self.model.get_output_embeddings().weight
-        logits = (w @ out.last_hidden_state[:, -1].T).T.float()
+        w, h = self.model.get_output_embeddings().weight, out.last_hidden_state[:, -1]
+        logits = (cpu_project(h, w, transposed_rows=h.shape[0]) if w.device.type == "cpu" else (w @ h.T).T).float()
         if self._own_head is None and cache is None:
             theirs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 use_cache=False, logits_to_keep=1).logits[:, -1].float()
@@ -193,21 +193,33 @@ class HFEngine:
         return ids.cpu(), torch.nn.functional.pad(torch.stack(logprobs, 1), (0, pad)).cpu()
 
 
-# A decode step's projections have one row per sequence; above this many rows the usual `x @ w.T` is as fast
-# (measured at 1-32 rows on the side-by-side student, one thread).
+# A decode step's projections have one row per sequence. On one CPU thread (side-by-side student, Qwen3-1.7B's
+# widths; 1-64 rows) the fastest of torch's matmuls depends on the shape: oneDNN's linear for long rows (1.5-2.2x
+# MKL's at 2048-6144 inputs), `w @ x.T` for short ones with up to FEW_ROWS rows, else the usual `x @ w.T`.
 FEW_ROWS = 4
+ONEDNN_MIN_INPUTS, ONEDNN_MAX_ROWS = 1024, 64
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def cpu_project(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+                transposed_rows: int = FEW_ROWS) -> torch.Tensor:
+    """`x @ w.T + bias` for `x [rows, in]` on the CPU, by the matmul that is fastest for the shape (measured above;
+    a fixed rule, so the same shapes always take the same path and sampling stays reproducible). MKL's `x @ w.T`
+    with two rows reads weights the output head has just pushed out of the caches at a quarter of the bandwidth
+    (the side-by-side student's 14 projections: 1.1 ms a decode step, 0.46 ms as `w @ x.T`); at 2048 inputs it
+    reaches ~15 GFLOP/s with 4 rows, oneDNN twice that."""
+    rows, inputs = x.shape
+    if _ONEDNN and inputs >= ONEDNN_MIN_INPUTS and rows <= ONEDNN_MAX_ROWS and x.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+    if rows > transposed_rows:
+        return torch.nn.functional.linear(x, w, bias)
+    y = (w @ x.T).T.contiguous()
+    return y if bias is None else y.add_(bias)
 
 
 def _few_rows_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)` as `(w @ x.T).T` when `x` has a few rows. On the CPU, MKL's `x @ w.T` with two rows reads
-    weights the output head has just pushed out of the caches at about a quarter of the memory bandwidth: the
-    side-by-side student's 14 projections take 1.1 ms a decode step that way, 0.46 ms as `w @ x.T` (one thread)."""
-    rows = x.numel() // x.shape[-1]
-    if rows > FEW_ROWS:
-        return torch.nn.functional.linear(x, module.weight, module.bias)
-    y = (module.weight @ x.reshape(rows, -1).T).T.contiguous()
-    if module.bias is not None:
-        y += module.bias
+    """`module(x)` by `cpu_project` (any leading dimensions)."""
+    y = cpu_project(x.reshape(-1, x.shape[-1]), module.weight, module.bias)
     return y.view(*x.shape[:-1], -1)
 
 
