@@ -103,9 +103,10 @@ def train(cfg: Config, prepared, actors, trackers) -> dict:
     # once as a shared-buffer handle, after which a sync only publishes the version.
     actors.set_teacher_head()
     actors.sync()
-    held_out = HeldOut(cfg, actors, prepared.prompts, log, load_tokenizer(model_source(cfg.model.student)))
+    tokenizer = load_tokenizer(model_source(cfg.model.student))
+    held_out = HeldOut(cfg, actors, prepared.prompts, log, tokenizer)
     bar = tqdm(range(start + 1, cfg.train.steps + 1), desc="opd", disable=not cfg.run.progress, dynamic_ncols=True)
-    steps = Steps(cfg, actors, Rollouts(cfg, actors, stream), say=bar.write, run_dir=run_dir)
+    steps = Steps(cfg, actors, Rollouts(cfg, actors, stream, tokenizer), say=bar.write, run_dir=run_dir)
     with StopSignals(bar.write, run_dir) as stop, Records(log, run_dir):  # the records are written however it ends
         for step in bar:
             metrics = steps.run(step)
@@ -244,8 +245,8 @@ class Rollouts:
     """Each step's prompts, drawn from the stream once, and their samples: sampled when the step starts, or with
     run.overlap while the previous step's learner trained."""
 
-    def __init__(self, cfg: Config, actors, stream):
-        self.cfg, self.actors, self.stream = cfg, actors, stream
+    def __init__(self, cfg: Config, actors, stream, tokenizer):
+        self.cfg, self.actors, self.stream, self.tokenizer = cfg, actors, stream, tokenizer  # the student's
         self.drawn: dict[int, list] = {}  # step -> its prompts (this step's and, with overlap, the next one's)
         self.upcoming = None  # run.overlap: (step, its samples) sampled ahead
 
@@ -268,11 +269,27 @@ class Rollouts:
             ray.wait([self.upcoming[1]], fetch_local=False)
 
     def _sample(self, step: int):
-        from opd.prompt_sets import student_ids
+        """The step's samples: the student's (on-policy), and with rollout.student_fraction < 1 the off-policy
+        ones for the last prompts of the step (answered by the teacher or the dataset), in one batch."""
+        import ray
+
+        from opd.prompt_sets import gold_batch, student_ids, teacher_ids
 
         if step not in self.drawn:
             self.drawn[step] = self.stream.next_batch(self.cfg.train.prompts_per_step)
-        return self.actors.generate(student_ids(self.drawn[step]), seed=self.cfg.train.seed * 1_000_003 + step)
+        prompts, r, seed = self.drawn[step], self.cfg.rollout, self.cfg.train.seed * 1_000_003 + step
+        if r.student_fraction == 1:
+            return self.actors.generate(student_ids(prompts), seed=seed)
+        k = round(r.student_fraction * len(prompts))  # the student's prompts; the rest are off-policy
+        off = prompts[k:]
+        if r.off_policy_source == "teacher":
+            off_batch = self.actors.teacher_sample(student_ids(off), teacher_ids(off), seed=seed + 500_009)
+        else:
+            off_batch = ray.put(gold_batch(off, self.tokenizer, num_samples=r.num_samples,
+                                           max_new_tokens=r.max_new_tokens))
+        if k == 0:
+            return off_batch
+        return self.actors.combine([0, k], [self.actors.generate(student_ids(prompts[:k]), seed=seed), off_batch])
 
 
 class PhaseClock:

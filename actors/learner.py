@@ -20,7 +20,7 @@ from actors.common import actor_device, init_process, join_groups, load, special
 from actors.common import memory_stats, reset_peak_memory, return_cached_memory
 from kernels.chunked import chunked_divergence, chunked_sampled_rkl, chunked_token_logprobs
 from opd import checkpoint, data_parallel
-from opd.batch import OutputHead, PackedRows, RolloutBatch, TeacherScores, padding_waste
+from opd.batch import SOURCES, STUDENT, OutputHead, PackedRows, RolloutBatch, TeacherScores, padding_waste
 from opd.config import Config
 from opd.models import DTYPES, model_source
 from transport import hidden_states, weights
@@ -161,38 +161,51 @@ class LearnerActor:
 
     def _micro_batch_loss(self, packed: PackedRows, batch: RolloutBatch, part: TeacherScores, num_tokens: int):
         """This micro-batch's share of the step's loss (normalised by all `num_tokens` response tokens of the
-        step, so the shares add up to the whole batch's loss), its detached stats, and the canary: the largest
-        gap between the learner's and the sampler's log-prob of a sampled token (before the step changes the
-        weights; comparable only without top-k / top-p truncation)."""
+        step, so the shares add up to the whole batch's loss), its detached stats per sample source (`[SOURCES,
+        3]`, flattened), and the canary: the largest gap between the learner's and the sampler's log-prob of a
+        token the student sampled (before the step changes the weights; comparable only without top-k / top-p
+        truncation)."""
         lc, r = self.cfg.loss, self.cfg.rollout
         index = packed.token_index.to(self.device)
         sampled_ids, sampled_logprobs = batch.response_ids.to(self.device)[index], batch.logprobs.to(self.device)[index]
-        comparable = r.top_p == 1.0 and r.top_k == 0
+        token_source = batch.token_source()[packed.token_index]
+        # rows of each source present (None: all of them, the on-policy case, which indexes nothing)
+        groups = {int(s): None for s in token_source.unique()} if len(token_source.unique()) == 1 else {
+            int(s): (token_source == s).nonzero()[:, 0].to(self.device) for s in token_source.unique()}
+        comparable = r.top_p == 1.0 and r.top_k == 0 and STUDENT in groups
 
         def loss_fn(h_s, w_s):
-            if lc.kind == "sampled_rkl":
-                loss, stats = chunked_sampled_rkl(
+            stats = torch.zeros(len(SOURCES), 3, device=self.device)
+            if lc.kind == "sampled_rkl":  # the student's samples only (the config refuses student_fraction < 1)
+                loss, sampled_stats = chunked_sampled_rkl(
                     h_s, w_s, sampled_ids, part.token_logprobs, sampled_logprobs, torch.ones_like(sampled_logprobs),
                     num_tokens=num_tokens, temperature=lc.temperature, clip_ratio=lc.clip_ratio,
                     valid_vocab=self.vocab_size, chunk_size=lc.chunk_size)
-                return loss, stats[:3], stats[3]
-            loss, stats = self._divergence(h_s, w_s, part, num_tokens)
+                stats[STUDENT] = sampled_stats[:3]
+                return loss, stats.flatten(), sampled_stats[3]
+            loss = None
+            for source, rows in groups.items():
+                part_loss, stats[source] = self._divergence(_rows(h_s, rows), w_s, _rows(part.hidden_states, rows),
+                                                            num_tokens)
+                loss = part_loss if loss is None else loss + part_loss
             gap = torch.zeros((), device=self.device)
             if comparable:
-                learner_logprobs = chunked_token_logprobs(h_s.detach(), w_s.detach(), sampled_ids,
-                                                          temperature=r.temperature, valid_vocab=self.vocab_size)
-                gap = (learner_logprobs - sampled_logprobs).abs().max()
-            return loss, stats, gap
+                rows = groups[STUDENT]
+                learner_logprobs = chunked_token_logprobs(_rows(h_s.detach(), rows), w_s.detach(),
+                                                          _rows(sampled_ids, rows), temperature=r.temperature,
+                                                          valid_vocab=self.vocab_size)
+                gap = (learner_logprobs - _rows(sampled_logprobs, rows)).abs().max()
+            return loss, stats.flatten(), gap
 
         return self._forward(packed, loss_fn)
 
-    def _divergence(self, h_s: torch.Tensor, w_s: torch.Tensor, part: TeacherScores, num_tokens: int):
-        """The full-vocabulary divergence of a micro-batch's student states `h_s` to the teacher's states at the
-        same response tokens (`part`), normalised by the step's `num_tokens`; with its detached stats."""
+    def _divergence(self, h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, num_tokens: int):
+        """The full-vocabulary divergence of student states `h_s` to the teacher's states `h_t` at the same
+        response tokens, normalised by the step's `num_tokens`; with its detached stats."""
         lc = self.cfg.loss
         # the teacher's states arrive in its serving dtype; the kernel widens them one chunk at a time
         return chunked_divergence(
-            h_s, w_s, part.hidden_states, self.teacher_head.weight, torch.ones(h_s.shape[0], device=self.device),
+            h_s, w_s, h_t, self.teacher_head.weight, torch.ones(h_s.shape[0], device=self.device),
             kind=lc.kind, beta=lc.beta, temperature=lc.temperature, valid_vocab=self.vocab_size,
             num_tokens=num_tokens, chunk_size=lc.chunk_size,
             operand_dtype=torch.bfloat16 if self.autocast else torch.float32)
@@ -210,7 +223,8 @@ class LearnerActor:
         batch.check()
         # On-policy contract: the engine sampled with the weights this learner holds now (with run.overlap, with
         # the weights of one step before).
-        lag = self.version - batch.policy_version
+        # Off-policy samples (rollout.student_fraction < 1) carry no policy version: the check is the student's.
+        lag = self.version - batch.policy_version if batch.on_policy else 0
         if not 0 <= lag <= int(self.cfg.run.overlap):
             raise RuntimeError(f"batch sampled by policy {batch.policy_version}, learner is at {self.version}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -267,9 +281,9 @@ class LearnerActor:
 
     def _forward_backward(self, batch: RolloutBatch, packs: list[PackedRows], parts: Sequence):
         """This replica's micro-batches' losses and backwards (the gradients accumulate); the step's loss and its
-        metrics over every replica's."""
+        metrics over every replica's (by sample source too, when the step mixes sources)."""
         n, sampled = batch.num_response_tokens, self.cfg.loss.kind == "sampled_rkl"
-        sums = torch.zeros(4, device=self.device)  # the loss, then the stats' sums
+        sums = torch.zeros(1 + 3 * len(SOURCES), device=self.device)  # the loss, then each source's stats' sums
         gap = torch.zeros(1, device=self.device)
         for k in data_parallel.share(len(packs), self.rank, self.world):
             if k is None:  # another replica has one more micro-batch: join its collectives
@@ -281,15 +295,22 @@ class LearnerActor:
             part.backward()  # this micro-batch's activations are freed here; its gradient share stays
             sums += torch.cat([part.detach().view(1), part_stats])
             gap = torch.maximum(gap, part_gap.detach().view(1))
-        loss, stats = data_parallel.all_reduce(sums)[0], sums[1:]
+        data_parallel.all_reduce(sums)
+        loss, by_source = sums[0], sums[1:].view(len(SOURCES), 3)
         gap = data_parallel.all_reduce(gap, "max")[0]
-        if sampled:
-            metrics = {"kl/reverse/sampled_mean": -float(stats[0]) / n, "is_ratio/mean": float(stats[1]) / n,
-                       "is_ratio/clipped_fraction": float(stats[2]) / n}
-        else:
-            metrics = {"kl/forward/mean": float(stats[0]) / n, "kl/reverse/mean": float(stats[1]) / n,
-                       "entropy/student/mean": float(stats[2]) / n}
-        comparable = self.cfg.rollout.top_p == 1.0 and self.cfg.rollout.top_k == 0
+        names = (("kl/reverse/sampled_mean", -1.0), ("is_ratio/mean", 1.0), ("is_ratio/clipped_fraction", 1.0)) \
+            if sampled else (("kl/forward/mean", 1.0), ("kl/reverse/mean", 1.0), ("entropy/student/mean", 1.0))
+        stats = by_source.sum(0)
+        metrics = {name: sign * float(stats[i]) / n for i, (name, sign) in enumerate(names)}
+        if self.cfg.rollout.student_fraction < 1:  # each source's share of the step and its divergence
+            tokens = torch.bincount(batch.token_source(), minlength=len(SOURCES)).tolist()
+            samples = torch.bincount(batch.source, minlength=len(SOURCES)).tolist()
+            for s in (STUDENT, SOURCES.index(self.cfg.rollout.off_policy_source)):
+                source = SOURCES[s]
+                metrics[f"source/{source}/samples"] = float(samples[s])
+                metrics.update({f"source/{source}/{name}": sign * float(by_source[s, i]) / tokens[s]
+                                if tokens[s] else float("nan") for i, (name, sign) in enumerate(names)})
+        comparable = self.cfg.rollout.top_p == 1.0 and self.cfg.rollout.top_k == 0 and batch.on_policy
         return loss, {**metrics, "logprob/learner_minus_rollout/absmax": float(gap) if comparable else float("nan")}
 
     @torch.no_grad()
@@ -306,7 +327,7 @@ class LearnerActor:
                     data_parallel.empty_pass(self.student, self.pad_id, self.device, backward=False)
                     continue
                 part = self._part(batch, packs[k], k, parts)
-                stats += self._forward(packs[k], lambda h_s, w_s: self._divergence(h_s, w_s, part, n))[1]
+                stats += self._forward(packs[k], lambda h_s, w_s: self._divergence(h_s, w_s, part.hidden_states, n))[1]
             data_parallel.all_reduce(stats)
         finally:
             self.student.train()
@@ -353,6 +374,10 @@ class LearnerActor:
     def shutdown(self) -> None:
         if self.shared is not None:
             weights.release(self.shared)
+
+
+def _rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return t if rows is None else t[rows]
 
 
 def _synchronized(t: torch.Tensor) -> float:

@@ -12,7 +12,7 @@ from actors.common import actor_device, init_process, join_groups, load, special
 from actors.common import memory_stats, reset_peak_memory, return_cached_memory
 from actors.engines.hf import HFEngine
 from kernels.chunked import chunked_token_logprobs
-from opd.batch import OutputHead, RolloutBatch, TeacherScores, group_rows
+from opd.batch import TEACHER, OutputHead, RolloutBatch, TeacherScores, group_rows
 from opd.config import Config
 from opd.modes import hidden_transport
 from transport.hidden_states import Outbox
@@ -27,9 +27,9 @@ class TeacherActor:
         self.model = load(cfg, "teacher").to(self.device).eval().requires_grad_(False)
         # hidden states leave through the object store (cpu), an IPC handle (colocated) or a send (split)
         self.outbox = Outbox(hidden_transport(cfg), rank=1 + replica)
-        # for evaluation only (greedy answers); on a GPU the decode loop, which keeps no per-step [B, V] scores
-        self.engine = HFEngine(self.model, eos_id=self.eos_id, pad_id=self.pad_id,
-                               sampler="torch" if self.device.type == "cuda" else None)
+        # greedy answers for evaluation, and samples with rollout.student_fraction < 1: the engine's decode loop
+        self.engine = HFEngine(self.model, eos_id=self.eos_id, pad_id=self.pad_id, sampler="torch",
+                               valid_vocab=self.vocab_size)
 
     memory_stats, reset_peak_memory = memory_stats, reset_peak_memory  # the benchmark's peak memory
 
@@ -96,3 +96,20 @@ class TeacherActor:
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int) -> RolloutBatch:
         """Greedy answers of the teacher (evaluation: the accuracy the student is measured against)."""
         return self.engine.generate(prompts, max_new_tokens=max_new_tokens, greedy=True)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[list[int]], teacher_prompts: list[list[int]] | None, *, seed: int) -> RolloutBatch:
+        """Off-policy samples (rollout.student_fraction < 1, off_policy_source=teacher): the teacher answers
+        `teacher_prompts` (its own rendering, else `prompts`) with the rollout's settings; the batch carries the
+        student's `prompts`, which the learner trains on, and the teacher's sampling log-probs."""
+        r = self.cfg.rollout
+        out = self.engine.generate(prompts if teacher_prompts is None else teacher_prompts,
+                                   num_samples=r.num_samples, temperature=r.temperature, top_p=r.top_p,
+                                   top_k=r.top_k, max_new_tokens=r.max_new_tokens, seed=seed,
+                                   ignore_eos=r.ignore_eos)
+        mine = [prompts[i] for i in out.prompt_index.tolist()]
+        return RolloutBatch(prompt_ids=torch.tensor([t for p in mine for t in p], dtype=torch.int64),
+                            prompt_lens=torch.tensor([len(p) for p in mine], dtype=torch.int64),
+                            response_ids=out.response_ids, response_lens=out.response_lens, logprobs=out.logprobs,
+                            prompt_index=out.prompt_index, finish_reasons=out.finish_reasons, policy_version=-1,
+                            source=torch.full((out.num_samples,), TEACHER, dtype=torch.int64)).check()

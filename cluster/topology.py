@@ -176,6 +176,24 @@ class Actors:
                  for i, (r, lo, hi) in enumerate(zip(self.rollouts, bounds, bounds[1:])) if hi > lo]
         return _merge_rollouts.remote([lo for lo, hi in zip(bounds, bounds[1:]) if hi > lo], *parts)
 
+    def teacher_sample(self, prompts: list[list[int]], teacher_prompts: list[list[int]] | None, *,
+                       seed: int) -> ray.ObjectRef:
+        """Off-policy samples of `prompts` by the teacher (TeacherActor.sample): replica i answers the i-th
+        consecutive share (seed + i), as `generate` shares prompts among the rollout replicas."""
+        n = len(self.teachers)
+        bounds = [round(i * len(prompts) / n) for i in range(n + 1)]
+        shares = [(lo, t.sample.remote(prompts[lo:hi], None if teacher_prompts is None else teacher_prompts[lo:hi],
+                                       seed=seed + i))
+                  for i, (t, lo, hi) in enumerate(zip(self.teachers, bounds, bounds[1:])) if hi > lo]
+        return shares[0][1] if len(shares) == 1 else _merge_rollouts.remote([lo for lo, _ in shares],
+                                                                            *[ref for _, ref in shares])
+
+    @staticmethod
+    def combine(offsets: list[int], parts: list) -> ray.ObjectRef:
+        """One batch of a step's parts (RolloutBatch refs or values) whose prompts start at `offsets` in the
+        step's prompts: the student's samples and the off-policy ones."""
+        return _merge_rollouts.remote(offsets, *parts)
+
     def score(self, batch: ray.ObjectRef, *, teacher_prompts: list[list[int]] | None = None,
               hidden_states: bool | None = None) -> list[ray.ObjectRefGenerator]:
         """The teacher's scores of `batch`, streamed: one generator per teacher replica, replica i yielding the

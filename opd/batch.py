@@ -14,6 +14,10 @@ import torch
 from torch import Tensor
 
 FINISH_REASONS = ("stop", "length")
+# Who wrote a sample's response: the student (on-policy), the teacher's engine, or the dataset's gold answer
+# (rollout.student_fraction < 1 and rollout.off_policy_source).
+SOURCES = ("student", "teacher", "dataset")
+STUDENT, TEACHER, DATASET = range(len(SOURCES))
 
 
 @dataclass
@@ -25,7 +29,12 @@ class RolloutBatch:
     logprobs: Tensor  # [num_response_tokens] fp32, log-prob of each sampled token under the sampler
     prompt_index: Tensor  # [num_samples] int64, which prompt of the step each sample answers
     finish_reasons: list[str]  # [num_samples], "stop" (end-of-sequence sampled) or "length"
-    policy_version: int  # the weight version the engine held when it sampled
+    policy_version: int  # the weight version the engine held when it sampled (-1: no sample is the student's)
+    source: Tensor | None = None  # [num_samples] int64, index into SOURCES; None: every sample is the student's
+
+    def __post_init__(self):
+        if self.source is None:
+            self.source = torch.full((self.num_samples,), STUDENT, dtype=torch.int64)
 
     @property
     def num_samples(self) -> int:
@@ -44,17 +53,29 @@ class RolloutBatch:
         assert int(self.response_lens.sum()) == self.response_ids.numel() == self.logprobs.numel()
         assert n == 0 or int(self.response_lens.min()) >= 1
         assert self.logprobs.dtype == torch.float32
+        assert self.source.dtype == torch.int64 and self.source.shape == (n,)
+        assert n == 0 or 0 <= int(self.source.min()) <= int(self.source.max()) < len(SOURCES)
         return self
+
+    @property
+    def on_policy(self) -> bool:
+        """Whether any sample is the student's own (the policy version and the log-prob canary apply to those)."""
+        return bool((self.source == STUDENT).any())
+
+    def token_source(self) -> Tensor:
+        """[num_response_tokens] int64: the source of each response token's sample."""
+        return self.source.repeat_interleave(self.response_lens)
 
     @classmethod
     def concat(cls, parts: list["RolloutBatch"]) -> "RolloutBatch":
-        """One batch from the shards several rollout replicas sampled (samples in the order of `parts`;
-        `prompt_index` stays the index into the step's prompts, which the caller gave each shard)."""
-        versions = {p.policy_version for p in parts}
+        """One batch from the shards several rollout replicas sampled, or from the student's and the off-policy
+        samples of a step (samples in the order of `parts`; `prompt_index` stays the index into the step's
+        prompts, which the caller gave each shard). The policy version is that of the student's shards."""
+        versions = {p.policy_version for p in parts if p.on_policy} or {-1}
         assert len(versions) == 1, f"shards sampled with different weight versions {sorted(versions)}"
         return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in _TENSOR_FIELDS),
                    finish_reasons=[r for p in parts for r in p.finish_reasons],
-                   policy_version=versions.pop()).check()
+                   policy_version=versions.pop(), source=torch.cat([p.source for p in parts])).check()
 
     def prompts(self) -> list[list[int]]:
         return [t.tolist() for t in torch.split(self.prompt_ids, self.prompt_lens.tolist())]

@@ -18,6 +18,7 @@ LOSSES = ("fkl", "rkl", "jsd", "sampled_rkl")
 MODES = ("cpu", "colocated", "split")
 ENGINES = ("hf", "sglang")
 SAMPLERS = ("auto", "torch", "flashinfer", "generate")
+OFF_POLICY_SOURCES = ("teacher", "dataset")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -78,8 +79,17 @@ class RolloutConfig:
     # FlashInfer when installed on a GPU, else torch); generate: transformers' `generate`, the reference
     sampler: str = "auto"
     mem_fraction: float = 0.4  # sglang: GPU memory fraction for its weights and KV cache (mem_fraction_static)
+    # The fraction of each step's prompts the student answers (1: on-policy distillation). The others are answered
+    # by off_policy_source: "teacher" (the teacher samples, with the settings above) or "dataset" (the gold
+    # answers); the loss is the same on every response. 0 with the teacher: sequence-level KD.
+    student_fraction: float = 1.0
+    off_policy_source: str = "teacher"
 
     def __post_init__(self):
+        _require(0 <= self.student_fraction <= 1,
+                 f"rollout.student_fraction={self.student_fraction} must be in [0, 1] (1: on-policy, 0: off-policy)")
+        _require(self.off_policy_source in OFF_POLICY_SOURCES, f"rollout.off_policy_source="
+                 f"{self.off_policy_source!r} is unknown: use one of {OFF_POLICY_SOURCES}")
         _require(self.engine in ENGINES, f"rollout.engine={self.engine!r} is unknown: use one of {ENGINES}")
         _require(self.sampler in SAMPLERS, f"rollout.sampler={self.sampler!r} is unknown: use one of {SAMPLERS}")
         _require(0 < self.mem_fraction < 1, f"rollout.mem_fraction={self.mem_fraction} must be in (0, 1)")
@@ -291,6 +301,11 @@ class Config:
         _require(self.loss.kind != "sampled_rkl" or self.loss.temperature == self.rollout.temperature,
                  f"loss.kind=sampled_rkl needs loss.temperature ({self.loss.temperature}) equal to "
                  f"rollout.temperature ({self.rollout.temperature}): set one to the other")
+
+        _require(self.loss.kind != "sampled_rkl" or self.rollout.student_fraction == 1,
+                 f"loss.kind=sampled_rkl needs the student's own samples (its importance ratio is against the "
+                 f"sampler's log-probs), rollout.student_fraction={self.rollout.student_fraction}: use 1 or a "
+                 f"full-vocabulary loss (fkl, rkl, jsd)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -124,6 +124,7 @@ def preflight(cfg: Config) -> Prepared:
         raise ConfigError(str(e).splitlines()[0]) from None
     prompts = build_prompt_set(cfg.data, cfg.train.seed, tokenizers["student"], tokenizers["teacher"])
     check_positions(cfg, prompts, configs)
+    check_off_policy(cfg, prompts)
     check_memory(cfg, prompts)  # the last refusal, before the run directory or a resume touches anything
     if cfg.run.resume:
         run_dir, checkpoint, lock = prepare_resume(cfg)
@@ -145,6 +146,17 @@ def check_positions(cfg: Config, prompts: PromptSet, configs: dict) -> None:
                               f"{cfg.rollout.max_new_tokens} is {longest + cfg.rollout.max_new_tokens} positions, "
                               f"beyond model.{side}'s max_position_embeddings={limit}: lower rollout.max_new_tokens or "
                               f"data.max_prompt_tokens")
+
+
+def check_off_policy(cfg: Config, prompts: PromptSet) -> None:
+    """rollout.off_policy_source=dataset answers prompts with their gold answers: every training prompt needs one."""
+    r = cfg.rollout
+    if r.student_fraction < 1 and r.off_policy_source == "dataset":
+        missing = sum(p.answer is None for p in prompts.train)
+        if missing:
+            raise ConfigError(f"rollout.off_policy_source=dataset needs a gold answer for every training prompt; "
+                              f"{missing} of {len(prompts.train)} in data.source={cfg.data.source} have none: add an "
+                              f"answer or solution field, or use rollout.off_policy_source=teacher")
 
 
 def check_memory(cfg: Config, prompts: PromptSet) -> None:

@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from opd import toy
+from opd.batch import DATASET, RolloutBatch
 from opd.config import ConfigError, DataConfig, resolve_path
 from opd.prompts import Prompt, render
 
@@ -106,3 +107,26 @@ def teacher_ids(prompts: list[Prompt]) -> list[list[int]] | None:
     if all(p.teacher_ids is None for p in prompts):
         return None
     return [list(p.student_ids if p.teacher_ids is None else p.teacher_ids) for p in prompts]
+
+
+def gold_batch(prompts: list[Prompt], tokenizer: PreTrainedTokenizerBase, *, num_samples: int,
+               max_new_tokens: int) -> RolloutBatch:
+    """Off-policy samples from the data (rollout.off_policy_source=dataset): each prompt's gold answer as the
+    student's tokenizer writes it, ending with end-of-sequence ("length" when `max_new_tokens` cuts it first),
+    `num_samples` times, as sampled responses come; log-probs 0 (no sampler drew them)."""
+    eos = tokenizer.eos_token_id
+    responses, reasons = [], []
+    for p in prompts:
+        ids = tokenizer(p.answer, add_special_tokens=False).input_ids
+        ids = ids if ids and ids[-1] == eos else ids + [eos]  # the toy's answers end with it already
+        responses += [ids[:max_new_tokens]] * num_samples
+        reasons += ["stop" if len(ids) <= max_new_tokens else "length"] * num_samples
+    flat = [p.student_ids for p in prompts for _ in range(num_samples)]
+    return RolloutBatch(
+        prompt_ids=torch.tensor([t for p in flat for t in p], dtype=torch.int64),
+        prompt_lens=torch.tensor([len(p) for p in flat], dtype=torch.int64),
+        response_ids=torch.tensor([t for r in responses for t in r], dtype=torch.int64),
+        response_lens=torch.tensor([len(r) for r in responses], dtype=torch.int64),
+        logprobs=torch.zeros(sum(map(len, responses))), prompt_index=torch.arange(len(prompts)).repeat_interleave(
+            num_samples), finish_reasons=reasons, policy_version=-1,
+        source=torch.full((len(flat),), DATASET, dtype=torch.int64)).check()

@@ -33,9 +33,13 @@ def resolve_sampler(name: str, device: torch.device) -> str | None:
 
 
 class HFEngine:
-    def __init__(self, model: PreTrainedModel, *, eos_id: int, pad_id: int, sampler: str | None = None):
+    def __init__(self, model: PreTrainedModel, *, eos_id: int, pad_id: int, sampler: str | None = None,
+                 valid_vocab: int | None = None):
         self.model = model.eval()
         self.eos_id, self.pad_id = eos_id, pad_id
+        # the decode loop samples from the first `valid_vocab` rows only (a head padded past the tokenizer: the
+        # teacher, whose samples the student trains on with rollout.student_fraction < 1)
+        self.valid_vocab = valid_vocab
         self.sampler = sampler  # None: transformers' generate; "torch" | "flashinfer": the decode loop below
         # the CPU decode loop's projections (see `cpu_project`)
         self._few_rows = {m: functools.partial(_few_rows_linear, m) for m in self.model.modules()
@@ -168,6 +172,8 @@ class HFEngine:
         with few_row_projections(self._few_rows) if self.model.device.type == "cpu" else contextlib.nullcontext():
             for _ in range(max_new_tokens):
                 logits, cache = self._next_logits(step_ids, attention_mask if padded else None, step_pos, cache)
+                if self.valid_vocab is not None and self.valid_vocab < logits.shape[1]:
+                    logits[:, self.valid_vocab:] = float("-inf")
                 if ignore_eos:  # as generate's min_new_tokens: end-of-sequence cannot be sampled
                     logits[:, self.eos_id] = float("-inf")
                 if greedy:
