@@ -21,6 +21,7 @@ from opd.metrics import read_jsonl
 from opd.models import load_tokenizer
 from opd.prompt_sets import build_prompt_set, gold_batch, student_ids
 from test_bad_input import _preflight_error, _refused
+from test_data_parallel import readme_command
 
 
 def _cfg(*settings):
@@ -136,23 +137,26 @@ COMMON = ["train.steps=2", "train.eval_every=0", "train.prompts_per_step=8", "da
           "run.progress=false", "run.cpus_per_actor=0.25"]
 
 
-def _run(root, out, name, *settings) -> list[dict]:
-    args = [a for s in COMMON + [f"run.out_dir={out}", f"run.name={name}", *settings] for a in ("--set", s)]
-    done = subprocess.run([sys.executable, "driver.py", *args], cwd=root, capture_output=True, text=True, timeout=600)
+def _run(root, out, readme_start: str) -> list[dict]:
+    """The README's command that starts with `readme_start`, as typed, cut to two steps of 8 prompts."""
+    command = readme_command(root, readme_start)
+    args = command[1:] + [a for s in COMMON + [f"run.out_dir={out}"] for a in ("--set", s)]
+    done = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    name = command[command.index("--set", len(command) - 2) + 1].split("=")[1]  # the run.name it ends with
     return read_jsonl(out / name / "metrics.jsonl")
 
 
 def test_runs_with_teacher_and_dataset_samples(root, tmp_path):
-    """λ = 0 with the teacher: every sample is the teacher's (no policy version, no canary); λ = 0.5 with the
-    dataset: half the prompts answered by their gold answers."""
-    teacher_only = _run(root, tmp_path, "seq_kd", "rollout.student_fraction=0", "rollout.off_policy_source=teacher")
+    """The README's two commands. λ = 0 with the teacher: every sample is the teacher's (no policy version, no
+    canary); λ = 0.5 with the dataset: half the prompts answered by their gold answers."""
+    teacher_only = _run(root, tmp_path, ".venv/bin/python driver.py --set rollout.student_fraction=0 ")
     for row in teacher_only:
         assert row["source/teacher/samples"] == 8 and row["source/student/samples"] == 0
         assert row["logprob/learner_minus_rollout/absmax"] != row["logprob/learner_minus_rollout/absmax"]  # nan
         assert row["kl/reverse/mean"] == pytest.approx(row["source/teacher/kl/reverse/mean"], rel=1e-6)
     assert [r["policy/version"] for r in teacher_only] == [1, 2]
-    mixed = _run(root, tmp_path, "gold", "rollout.student_fraction=0.5", "rollout.off_policy_source=dataset")
+    mixed = _run(root, tmp_path, ".venv/bin/python driver.py --set rollout.student_fraction=0.5 ")
     for row in mixed:
         assert row["source/dataset/samples"] == 4 and row["source/student/samples"] == 4
         assert row["logprob/learner_minus_rollout/absmax"] < 1e-4
