@@ -278,8 +278,9 @@ class Rollouts:
         if step not in self.drawn:
             self.drawn[step] = self.stream.next_batch(self.cfg.train.prompts_per_step)
         prompts, r, seed = self.drawn[step], self.cfg.rollout, self.cfg.train.seed * 1_000_003 + step
-        if r.student_fraction == 1:
-            return self.actors.generate(student_ids(prompts), seed=seed)
+        if r.student_fraction == 1:  # the hybrid: the student continues each prompt's gold prefix
+            prefixes = [list(p.gold_prefix) for p in prompts] if self.cfg.data.gold_prefix_field else None
+            return self.actors.generate(student_ids(prompts), seed=seed, prefixes=prefixes)
         k = round(r.student_fraction * len(prompts))  # the student's prompts; the rest are off-policy
         off = prompts[k:]
         if r.off_policy_source == "teacher":

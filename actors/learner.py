@@ -18,7 +18,7 @@ from transformers import get_scheduler
 
 from actors.common import actor_device, init_process, join_groups, load, special_ids
 from actors.common import memory_stats, reset_peak_memory, return_cached_memory
-from kernels.chunked import chunked_divergence, chunked_sampled_rkl, chunked_token_logprobs
+from kernels.chunked import chunked_cross_entropy, chunked_divergence, chunked_sampled_rkl, chunked_token_logprobs
 from opd import checkpoint, data_parallel
 from opd.batch import SOURCES, STUDENT, OutputHead, PackedRows, RolloutBatch, TeacherScores, padding_waste
 from opd.config import Config
@@ -161,41 +161,57 @@ class LearnerActor:
 
     def _micro_batch_loss(self, packed: PackedRows, batch: RolloutBatch, part: TeacherScores, num_tokens: int):
         """This micro-batch's share of the step's loss (normalised by all `num_tokens` response tokens of the
-        step, so the shares add up to the whole batch's loss), its detached stats per sample source (`[SOURCES,
-        3]`, flattened), and the canary: the largest gap between the learner's and the sampler's log-prob of a
-        token the student sampled (before the step changes the weights; comparable only without top-k / top-p
-        truncation)."""
+        step, so the shares add up to the whole batch's loss), its detached stats (`[SOURCES, 3]` sums of the
+        divergence's stats per sample source, flattened, then the gold tokens' negative log-likelihood), and the
+        canary: the largest gap between the learner's and the sampler's log-prob of a token the student sampled
+        (before the step changes the weights; comparable only without top-k / top-p truncation).
+
+        The divergence covers every response token but the hybrid's gold-prefix tokens, which get
+        loss.sft_weight x cross-entropy instead."""
         lc, r = self.cfg.loss, self.cfg.rollout
         index = packed.token_index.to(self.device)
         sampled_ids, sampled_logprobs = batch.response_ids.to(self.device)[index], batch.logprobs.to(self.device)[index]
-        token_source = batch.token_source()[packed.token_index]
-        # rows of each source present (None: all of them, the on-policy case, which indexes nothing)
-        groups = {int(s): None for s in token_source.unique()} if len(token_source.unique()) == 1 else {
-            int(s): (token_source == s).nonzero()[:, 0].to(self.device) for s in token_source.unique()}
+        token_source, gold = batch.token_source()[packed.token_index], batch.gold[packed.token_index]
+        # the divergence's rows per source present (None: every row, the usual case, which indexes nothing)
+        trained = (~gold).nonzero()[:, 0] if bool(gold.any()) else None
+        sources = token_source if trained is None else token_source[trained]
+        if len(sources.unique()) == 1:
+            groups = {int(sources[0]): None if trained is None else trained.to(self.device)}
+        else:
+            every = torch.arange(len(token_source)) if trained is None else trained
+            groups = {int(s): every[sources == s].to(self.device) for s in sources.unique()}
+        gold_rows = gold.nonzero()[:, 0].to(self.device) if trained is not None else None
         comparable = r.top_p == 1.0 and r.top_k == 0 and STUDENT in groups
 
         def loss_fn(h_s, w_s):
-            stats = torch.zeros(len(SOURCES), 3, device=self.device)
+            stats = torch.zeros(len(SOURCES) * 3 + 1, device=self.device)
+            by_source = stats[:-1].view(len(SOURCES), 3)
+            gap, loss = torch.zeros((), device=self.device), None
             if lc.kind == "sampled_rkl":  # the student's samples only (the config refuses student_fraction < 1)
+                rows = groups[STUDENT]
                 loss, sampled_stats = chunked_sampled_rkl(
-                    h_s, w_s, sampled_ids, part.token_logprobs, sampled_logprobs, torch.ones_like(sampled_logprobs),
+                    _rows(h_s, rows), w_s, _rows(sampled_ids, rows), _rows(part.token_logprobs, rows),
+                    _rows(sampled_logprobs, rows), torch.ones(len(_rows(sampled_ids, rows)), device=self.device),
                     num_tokens=num_tokens, temperature=lc.temperature, clip_ratio=lc.clip_ratio,
                     valid_vocab=self.vocab_size, chunk_size=lc.chunk_size)
-                stats[STUDENT] = sampled_stats[:3]
-                return loss, stats.flatten(), sampled_stats[3]
-            loss = None
-            for source, rows in groups.items():
-                part_loss, stats[source] = self._divergence(_rows(h_s, rows), w_s, _rows(part.hidden_states, rows),
-                                                            num_tokens)
-                loss = part_loss if loss is None else loss + part_loss
-            gap = torch.zeros((), device=self.device)
-            if comparable:
-                rows = groups[STUDENT]
-                learner_logprobs = chunked_token_logprobs(_rows(h_s.detach(), rows), w_s.detach(),
-                                                          _rows(sampled_ids, rows), temperature=r.temperature,
-                                                          valid_vocab=self.vocab_size)
-                gap = (learner_logprobs - _rows(sampled_logprobs, rows)).abs().max()
-            return loss, stats.flatten(), gap
+                by_source[STUDENT], gap = sampled_stats[:3], sampled_stats[3]
+            else:
+                for source, rows in groups.items():
+                    part_loss, by_source[source] = self._divergence(_rows(h_s, rows), w_s,
+                                                                    _rows(part.hidden_states, rows), num_tokens)
+                    loss = part_loss if loss is None else loss + part_loss
+                if comparable:
+                    rows = groups[STUDENT]
+                    learner_logprobs = chunked_token_logprobs(_rows(h_s.detach(), rows), w_s.detach(),
+                                                              _rows(sampled_ids, rows), temperature=r.temperature,
+                                                              valid_vocab=self.vocab_size)
+                    gap = (learner_logprobs - _rows(sampled_logprobs, rows)).abs().max()
+            if gold_rows is not None:  # the hybrid's gold prefix: cross-entropy, at temperature 1
+                ce, nll = chunked_cross_entropy(h_s[gold_rows], w_s, sampled_ids[gold_rows],
+                                                torch.ones(len(gold_rows), device=self.device), num_tokens=num_tokens,
+                                                valid_vocab=self.vocab_size, chunk_size=lc.chunk_size)
+                loss, stats[-1] = loss + lc.sft_weight * ce, nll[0]
+            return loss, stats, gap
 
         return self._forward(packed, loss_fn)
 
@@ -283,7 +299,8 @@ class LearnerActor:
         """This replica's micro-batches' losses and backwards (the gradients accumulate); the step's loss and its
         metrics over every replica's (by sample source too, when the step mixes sources)."""
         n, sampled = batch.num_response_tokens, self.cfg.loss.kind == "sampled_rkl"
-        sums = torch.zeros(1 + 3 * len(SOURCES), device=self.device)  # the loss, then each source's stats' sums
+        # the loss, each source's stats' sums, the gold tokens' negative log-likelihood
+        sums = torch.zeros(2 + 3 * len(SOURCES), device=self.device)
         gap = torch.zeros(1, device=self.device)
         for k in data_parallel.share(len(packs), self.rank, self.world):
             if k is None:  # another replica has one more micro-batch: join its collectives
@@ -296,20 +313,24 @@ class LearnerActor:
             sums += torch.cat([part.detach().view(1), part_stats])
             gap = torch.maximum(gap, part_gap.detach().view(1))
         data_parallel.all_reduce(sums)
-        loss, by_source = sums[0], sums[1:].view(len(SOURCES), 3)
+        loss, by_source, nll = sums[0], sums[1:-1].view(len(SOURCES), 3), sums[-1]
         gap = data_parallel.all_reduce(gap, "max")[0]
         names = (("kl/reverse/sampled_mean", -1.0), ("is_ratio/mean", 1.0), ("is_ratio/clipped_fraction", 1.0)) \
             if sampled else (("kl/forward/mean", 1.0), ("kl/reverse/mean", 1.0), ("entropy/student/mean", 1.0))
-        stats = by_source.sum(0)
-        metrics = {name: sign * float(stats[i]) / n for i, (name, sign) in enumerate(names)}
+        stats, trained = by_source.sum(0), ~batch.gold  # the divergence's tokens: all but the gold prefixes
+        n_trained = int(trained.sum())
+        metrics = {name: sign * float(stats[i]) / n_trained for i, (name, sign) in enumerate(names)}
         if self.cfg.rollout.student_fraction < 1:  # each source's share of the step and its divergence
-            tokens = torch.bincount(batch.token_source(), minlength=len(SOURCES)).tolist()
+            tokens = torch.bincount(batch.token_source()[trained], minlength=len(SOURCES)).tolist()
             samples = torch.bincount(batch.source, minlength=len(SOURCES)).tolist()
             for s in (STUDENT, SOURCES.index(self.cfg.rollout.off_policy_source)):
                 source = SOURCES[s]
                 metrics[f"source/{source}/samples"] = float(samples[s])
                 metrics.update({f"source/{source}/{name}": sign * float(by_source[s, i]) / tokens[s]
                                 if tokens[s] else float("nan") for i, (name, sign) in enumerate(names)})
+        if self.cfg.data.gold_prefix_field:  # the hybrid
+            metrics["sft/gold_tokens"] = float(n - n_trained)
+            metrics["sft/nll/mean"] = float(nll) / (n - n_trained) if n > n_trained else float("nan")
         comparable = self.cfg.rollout.top_p == 1.0 and self.cfg.rollout.top_k == 0 and batch.on_policy
         return loss, {**metrics, "logprob/learner_minus_rollout/absmax": float(gap) if comparable else float("nan")}
 

@@ -34,11 +34,15 @@ class RolloutActor:
             self.engine = HFEngine(model, eos_id=eos_id, pad_id=pad_id,
                                    sampler=resolve_sampler(cfg.rollout.sampler, device))
 
-    def generate(self, prompts: list[list[int]], *, seed: int, greedy: bool = False) -> RolloutBatch:
+    def generate(self, prompts: list[list[int]], *, seed: int, greedy: bool = False,
+                 prefixes: list[list[int]] | None = None) -> RolloutBatch:
+        """`prefixes` (the hybrid): each prompt's gold prefix, which the student continues; in the batch it opens
+        the response, marked gold (RolloutBatch.with_gold_prefix)."""
         r = self.cfg.rollout
         self.engine.resume_memory()  # the KV cache, if released after the last generate
         batch = self.engine.generate(
-            prompts, num_samples=1 if greedy else r.num_samples, temperature=r.temperature, top_p=r.top_p,
+            prompts if prefixes is None else [p + g for p, g in zip(prompts, prefixes, strict=True)],
+            num_samples=1 if greedy else r.num_samples, temperature=r.temperature, top_p=r.top_p,
             top_k=r.top_k, max_new_tokens=r.max_new_tokens, greedy=greedy, seed=seed,
             ignore_eos=r.ignore_eos and not greedy)
         if self.sglang:
@@ -47,6 +51,8 @@ class RolloutActor:
             self.engine.release_memory(["kv_cache", "cuda_graph"])
         else:  # colocated on a GPU: the decode loop's KV cache, freed when it returned, goes back to the device
             return_cached_memory(self.cfg, self.engine.model.device)
+        if prefixes is not None:
+            batch = batch.with_gold_prefix([len(prefixes[i]) for i in batch.prompt_index.tolist()])
         return batch
 
     def load_weights(self, update: WeightUpdate) -> int:

@@ -166,13 +166,16 @@ class Actors:
     def load_checkpoint(self, path: str) -> int:
         return collect(self._learners("load_checkpoint", path))
 
-    def generate(self, prompts: list[list[int]], *, seed: int, greedy: bool = False) -> ray.ObjectRef:
-        """One RolloutBatch for `prompts`: replica i samples the i-th consecutive share (seed + i)."""
+    def generate(self, prompts: list[list[int]], *, seed: int, greedy: bool = False,
+                 prefixes: list[list[int]] | None = None) -> ray.ObjectRef:
+        """One RolloutBatch for `prompts` (continuing `prefixes`, the hybrid's gold prefixes): replica i samples
+        the i-th consecutive share (seed + i)."""
         if len(self.rollouts) == 1:
-            return self.rollout.generate.remote(prompts, seed=seed, greedy=greedy)
+            return self.rollout.generate.remote(prompts, seed=seed, greedy=greedy, prefixes=prefixes)
         n = len(self.rollouts)
         bounds = [round(i * len(prompts) / n) for i in range(n + 1)]
-        parts = [r.generate.remote(prompts[lo:hi], seed=seed + i, greedy=greedy)
+        parts = [r.generate.remote(prompts[lo:hi], seed=seed + i, greedy=greedy,
+                                   prefixes=None if prefixes is None else prefixes[lo:hi])
                  for i, (r, lo, hi) in enumerate(zip(self.rollouts, bounds, bounds[1:])) if hi > lo]
         return _merge_rollouts.remote([lo for lo, hi in zip(bounds, bounds[1:]) if hi > lo], *parts)
 

@@ -238,6 +238,43 @@ def chunked_token_logprobs(h_Nd: Tensor, w_Vd: Tensor, token_ids_N: Tensor, *, t
     return out
 
 
+class ChunkedCrossEntropy(_GradsInForward):
+    """Cross-entropy of given tokens (the hybrid's gold prefix): loss = sum_t w_t * -log p_S(y_t) / num_tokens at
+    temperature 1, one `[chunk, V]` block at a time; d loss / d z = (w_t / num_tokens) * (p_S - onehot(y_t))."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, token_ids, weights, valid_vocab, num_tokens, chunk_size, needs_grad):
+        ws = w_s[:valid_vocab].float()
+        grad_h = torch.zeros_like(h_s, dtype=torch.float32) if needs_grad else None
+        grad_w = torch.zeros_like(w_s, dtype=torch.float32) if needs_grad else None
+        loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        for start in range(0, h_s.shape[0], chunk_size):
+            end = min(start + chunk_size, h_s.shape[0])
+            hs, w, ids = h_s[start:end].float(), weights[start:end].float(), token_ids[start:end]
+            logp = torch.log_softmax(hs @ ws.T, dim=-1)  # [C, V]
+            loss -= logp.gather(1, ids[:, None]).squeeze(1) @ w
+            if needs_grad:
+                g = w / num_tokens
+                grad_z = logp.exp_().mul_(g[:, None])  # g p_S ...
+                grad_z.scatter_add_(1, ids[:, None], -g[:, None])  # ... - g onehot(y)
+                grad_h[start:end] = grad_z @ ws
+                grad_w[:valid_vocab].addmm_(grad_z.T, hs)
+        stats = loss.detach().clone().view(1)  # the weighted sum of -log p_S(y)
+        return _GradsInForward.finish(ctx, h_s, w_s, loss / num_tokens, stats, grad_h, grad_w, num_inputs=8)
+
+
+def chunked_cross_entropy(h_s_Nd: Tensor, w_s_Vd: Tensor, token_ids_N: Tensor, weights_N: Tensor, *,
+                          num_tokens: float, valid_vocab: int | None = None,
+                          chunk_size: int = 0) -> tuple[Tensor, Tensor]:
+    """Loss `sum_t w_t * -log softmax(h_t @ w.T)[y_t] / num_tokens` and the detached weighted sum of the
+    negative log-likelihoods `[1]`, without the `[N, V]` logits."""
+    valid_vocab = w_s_Vd.shape[0] if valid_vocab is None else valid_vocab
+    chunk_size = chunk_size or default_chunk_size(valid_vocab, h_s_Nd.shape[1], h_s_Nd.device.type)
+    needs_grad = torch.is_grad_enabled() and (h_s_Nd.requires_grad or w_s_Vd.requires_grad)
+    return ChunkedCrossEntropy.apply(h_s_Nd, w_s_Vd, token_ids_N, weights_N, valid_vocab, float(num_tokens),
+                                     chunk_size, needs_grad)
+
+
 class ChunkedSampledRKL(_GradsInForward):
     """Sampled-token reverse KL (see kernels/reference.py `sampled_rkl_loss`) in one pass over token chunks.
 

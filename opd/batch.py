@@ -31,10 +31,15 @@ class RolloutBatch:
     finish_reasons: list[str]  # [num_samples], "stop" (end-of-sequence sampled) or "length"
     policy_version: int  # the weight version the engine held when it sampled (-1: no sample is the student's)
     source: Tensor | None = None  # [num_samples] int64, index into SOURCES; None: every sample is the student's
+    # [num_response_tokens] bool: the hybrid's gold-prefix tokens (given, not sampled: cross-entropy, log-prob 0);
+    # None: none
+    gold: Tensor | None = None
 
     def __post_init__(self):
         if self.source is None:
             self.source = torch.full((self.num_samples,), STUDENT, dtype=torch.int64)
+        if self.gold is None:
+            self.gold = torch.zeros(self.response_ids.shape, dtype=torch.bool)
 
     @property
     def num_samples(self) -> int:
@@ -55,7 +60,25 @@ class RolloutBatch:
         assert self.logprobs.dtype == torch.float32
         assert self.source.dtype == torch.int64 and self.source.shape == (n,)
         assert n == 0 or 0 <= int(self.source.min()) <= int(self.source.max()) < len(SOURCES)
+        assert self.gold.dtype == torch.bool and self.gold.shape == self.response_ids.shape
         return self
+
+    def with_gold_prefix(self, prefix_lens: list[int]) -> "RolloutBatch":
+        """The hybrid: each sample was generated from its prompt followed by a gold prefix of `prefix_lens[i]`
+        tokens (the prompt's last ones here); those become the first tokens of its response, marked `gold`
+        (log-prob 0), so the teacher scores and the learner trains on prompt -> gold prefix + continuation."""
+        prompts, responses, logprobs = self.prompts(), self.responses(), self.logprobs.split(self.response_lens.tolist())
+        cut = [p[len(p) - k:] if k else [] for p, k in zip(prompts, prefix_lens, strict=True)]
+        return RolloutBatch(
+            prompt_ids=torch.tensor([t for p, k in zip(prompts, prefix_lens) for t in p[:len(p) - k]], dtype=torch.int64),
+            prompt_lens=self.prompt_lens - torch.tensor(prefix_lens, dtype=torch.int64),
+            response_ids=torch.tensor([t for c, r in zip(cut, responses) for t in c + r], dtype=torch.int64),
+            response_lens=self.response_lens + torch.tensor(prefix_lens, dtype=torch.int64),
+            logprobs=torch.cat([torch.cat([torch.zeros(len(c)), lp]) for c, lp in zip(cut, logprobs)]).float(),
+            prompt_index=self.prompt_index, finish_reasons=self.finish_reasons, policy_version=self.policy_version,
+            source=self.source, gold=torch.cat([torch.cat([torch.ones(len(c), dtype=torch.bool),
+                                                           torch.zeros(len(r), dtype=torch.bool)])
+                                                for c, r in zip(cut, responses)])).check()
 
     @property
     def on_policy(self) -> bool:
@@ -75,7 +98,8 @@ class RolloutBatch:
         assert len(versions) == 1, f"shards sampled with different weight versions {sorted(versions)}"
         return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in _TENSOR_FIELDS),
                    finish_reasons=[r for p in parts for r in p.finish_reasons],
-                   policy_version=versions.pop(), source=torch.cat([p.source for p in parts])).check()
+                   policy_version=versions.pop(), source=torch.cat([p.source for p in parts]),
+                   gold=torch.cat([p.gold for p in parts])).check()
 
     def prompts(self) -> list[list[int]]:
         return [t.tolist() for t in torch.split(self.prompt_ids, self.prompt_lens.tolist())]

@@ -57,8 +57,15 @@ class DataConfig:
     teacher_template: str = "student"  # "teacher": the teacher's prompt uses the teacher's own chat template
     teacher_system_prompt: str = ""  # the teacher's own system prompt ("" = the student's)
     enable_thinking: bool | None = None  # Qwen3 thinking mode on / off (None: the template's default)
+    # Hybrid SFT + on-policy (Lite-OPD): the first gold_prefix_max_tokens tokens of this field's text (answer: the
+    # gold answer) open the assistant turn, the student continues them; loss.sft_weight x cross-entropy on the
+    # gold tokens, the divergence on the continuation. "": off. 0 tokens: the whole gold text.
+    gold_prefix_field: str = ""
+    gold_prefix_max_tokens: int = 0
 
     def __post_init__(self):
+        _require(self.gold_prefix_max_tokens >= 0,
+                 f"data.gold_prefix_max_tokens={self.gold_prefix_max_tokens} must be >= 0 (0: the whole gold text)")
         _require(bool(self.source), "data.source is empty: use toy_addition or a .jsonl / .parquet path")
         _require(self.num_eval_prompts > 0, f"data.num_eval_prompts={self.num_eval_prompts} must be > 0")
         _require(self.max_prompt_tokens > 0, f"data.max_prompt_tokens={self.max_prompt_tokens} must be > 0")
@@ -109,6 +116,7 @@ class LossConfig:
     beta: float = 0.5  # jsd only; 0 and 1 are fkl and rkl
     temperature: float = 1.0  # distillation temperature applied to both sides' logits
     clip_ratio: float = 0.2  # sampled_rkl only: the ratio is clipped to [1 - clip_ratio, 1 + clip_ratio]
+    sft_weight: float = 1.0  # the hybrid (data.gold_prefix_field): weight of the gold tokens' cross-entropy
     chunk_size: int = 0  # tokens per chunk of the fused loss; 0 = chosen from V
 
     def __post_init__(self):
@@ -117,6 +125,7 @@ class LossConfig:
         _require(self.temperature > 0, f"loss.temperature={self.temperature} must be > 0")
         _require(self.chunk_size >= 0, f"loss.chunk_size={self.chunk_size} must be >= 0 (0 = automatic)")
         _require(0 < self.clip_ratio < 1, f"loss.clip_ratio={self.clip_ratio} must be in (0, 1)")
+        _require(self.sft_weight >= 0, f"loss.sft_weight={self.sft_weight} must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -306,6 +315,9 @@ class Config:
                  f"loss.kind=sampled_rkl needs the student's own samples (its importance ratio is against the "
                  f"sampler's log-probs), rollout.student_fraction={self.rollout.student_fraction}: use 1 or a "
                  f"full-vocabulary loss (fkl, rkl, jsd)")
+        _require(not self.data.gold_prefix_field or self.rollout.student_fraction == 1,
+                 f"data.gold_prefix_field (the hybrid) trains on the student's continuations of gold prefixes; "
+                 f"rollout.student_fraction={self.rollout.student_fraction} would mix in off-policy samples: use 1")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -138,8 +138,8 @@ def check_positions(cfg: Config, prompts: PromptSet, configs: dict) -> None:
     max_position_embeddings a model runs on, silently, on positions it never learned."""
     for side, config in configs.items():
         limit = getattr(config.get_text_config(), "max_position_embeddings", None)
-        ids = [p.teacher_ids or p.student_ids if side == "teacher" else p.student_ids
-               for p in prompts.train + prompts.eval]
+        ids = [(p.teacher_ids or p.student_ids if side == "teacher" else p.student_ids) + p.gold_prefix
+               for p in prompts.train + prompts.eval]  # the hybrid's gold prefix is part of the context
         longest = max(map(len, ids), default=0)
         if limit and longest + cfg.rollout.max_new_tokens > limit:
             raise ConfigError(f"the longest prompt ({longest} tokens) plus rollout.max_new_tokens="

@@ -22,6 +22,7 @@ typed, so it is read with `pyarrow.parquet`, only the needed columns.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import numbers
 import random
@@ -47,6 +48,7 @@ class PromptRecord:
     prompt: str | tuple[dict, ...]
     answer: str | None  # gold answer as text (numbers converted with str); None if the row has none
     source: str  # where it came from: "data.jsonl:17" (1-based line) or "part-0.parquet#row 3" (0-based row)
+    gold_prefix: str | None = None  # data.gold_prefix_field's text (the hybrid's gold prefix), when asked for
 
 
 @dataclass(frozen=True)
@@ -64,12 +66,14 @@ class RecordSplit(NamedTuple):
     eval: list[PromptRecord]
 
 
-def load_records(path: str | Path) -> LoadedRecords:
+def load_records(path: str | Path, *, prefix_field: str | None = None) -> LoadedRecords:
     """Load the prompt records of a ``.jsonl`` file, a ``.parquet`` file or a directory of parquet files.
 
     Raises `DatasetError` for: a missing path, an unsupported extension, a directory without ``*.parquet``
     files, a malformed JSONL line or one that is not an object (message starts with ``file:line:``), a file
     without any of `PROMPT_FIELDS`, a prompt or answer of the wrong type, and a dataset with no usable record.
+    `prefix_field`: a further text field read into each record's `gold_prefix` (the hybrid's gold prefix); a
+    dataset without it is refused.
     """
     path = Path(path)
     if not path.exists():
@@ -93,14 +97,21 @@ def load_records(path: str | Path) -> LoadedRecords:
         if file.suffix.lower() == ".jsonl":
             file_fields, rows = _read_jsonl(file)
         else:
-            file_fields, rows = _read_parquet(file)
+            file_fields, rows = _read_parquet(file, prefix_field)
         if fields is not None and file_fields != fields:
             raise DatasetError(f"{file}: takes prompt/answer from {file_fields} but {files[0].name} from "
                                f"{fields}; make the files of {path} use the same columns")
         fields = file_fields
         num_rows += len(rows)
+        if prefix_field is not None and not any(prefix_field in row for _, row in rows):
+            names = sorted({k for _, row in rows for k in row})
+            raise DatasetError(f"{file}: data.gold_prefix_field={prefix_field!r} is not a field of it (it has "
+                               f"{names}); name one of them, or 'answer' for the gold answer")
         for source, row in rows:
             record = _to_record(row, *file_fields, source=source)
+            if record is not None and prefix_field is not None:
+                record = dataclasses.replace(record, gold_prefix=_answer_text(row.get(prefix_field), prefix_field,
+                                                                              source))
             if record is None:
                 num_skipped += 1
             else:
@@ -171,11 +182,12 @@ def _read_jsonl(file: Path) -> tuple[tuple[str, str | None], list[tuple[str, dic
     return _choose_fields(file, list(names)), rows
 
 
-def _read_parquet(file: Path) -> tuple[tuple[str, str | None], list[tuple[str, dict]]]:
+def _read_parquet(file: Path, extra: str | None = None) -> tuple[tuple[str, str | None], list[tuple[str, dict]]]:
     try:
         schema = pq.read_schema(file)
         fields = _choose_fields(file, schema.names)
-        table = pq.read_table(file, columns=[f for f in fields if f is not None])
+        wanted = [f for f in fields if f is not None] + ([extra] if extra in schema.names else [])
+        table = pq.read_table(file, columns=list(dict.fromkeys(wanted)))
     except (pa.ArrowException, OSError) as e:
         raise DatasetError(f"{file}: not a readable parquet file ({e}); rewrite it with pyarrow") from None
     rows = [(f"{file.name}#row {i}", row) for i, row in enumerate(table.to_pylist())]

@@ -37,21 +37,37 @@ def _answer_checker(prompt: Prompt, response: str) -> bool | None:
 def build_prompt_set(data: DataConfig, seed: int, student_tokenizer: PreTrainedTokenizerBase,
                      teacher_tokenizer: PreTrainedTokenizerBase) -> PromptSet:
     """Load, split and render the prompts; every data error is a ConfigError raised before any work starts."""
+    def prefix(text: str | None) -> tuple[int, ...]:
+        """The hybrid's gold prefix: the first data.gold_prefix_max_tokens tokens of the gold text (0: all of
+        them), its end-of-sequence left out (the student writes the end)."""
+        ids = student_tokenizer(text or "", add_special_tokens=False).input_ids
+        ids = ids[:-1] if ids and ids[-1] == student_tokenizer.eos_token_id else ids
+        return tuple(ids[: data.gold_prefix_max_tokens or None])
+
+    field = data.gold_prefix_field
     if data.source == "toy_addition":
+        if field not in ("", "answer"):
+            raise ConfigError(f"data.gold_prefix_field={field!r}: data.source=toy_addition has only its answers; "
+                              f"use data.gold_prefix_field=answer")
+
         def prompts(split):
-            return [Prompt(tuple(student_tokenizer(q, add_special_tokens=False).input_ids), None, a, q)
-                    for q, a in toy.problems(split)]
+            return [Prompt(tuple(student_tokenizer(q, add_special_tokens=False).input_ids), None, a, q,
+                           prefix(a) if field else ()) for q, a in toy.problems(split)]
 
         return PromptSet(train=prompts("train"), eval=prompts("eval")[: data.num_eval_prompts], checker=_toy_checker)
 
     from opd.prompt_files import DatasetError, load_records, split_records
 
     try:
-        loaded = load_records(resolve_path(data.source))
+        loaded = load_records(resolve_path(data.source), prefix_field=field if field not in ("", "answer") else None)
+        if field == "answer" and loaded.answer_field is None and not any(r.answer for r in loaded.records):
+            raise DatasetError(f"{data.source}: data.gold_prefix_field=answer, but it has no gold answers (fields "
+                               f"answer, solution or a final assistant message)")
         train_records, eval_records = split_records(loaded.records, num_eval=data.num_eval_prompts, seed=seed)
         kw = dict(chat_template=data.chat_template, max_prompt_tokens=data.max_prompt_tokens,
                   system_prompt=data.system_prompt, teacher_template=data.teacher_template == "teacher",
-                  teacher_system_prompt=data.teacher_system_prompt or None, enable_thinking=data.enable_thinking)
+                  teacher_system_prompt=data.teacher_system_prompt or None, enable_thinking=data.enable_thinking,
+                  gold_prefix=None if not field else lambda r: prefix(r.answer if field == "answer" else r.gold_prefix))
         train, train_long = render(train_records, student_tokenizer, teacher_tokenizer, **kw)
         evaluation, eval_long = render(eval_records, student_tokenizer, teacher_tokenizer, **kw)
     except (DatasetError, ValueError) as e:

@@ -7,6 +7,8 @@ the student trains on `student_prompt + response`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -18,6 +20,9 @@ class Prompt:
     teacher_ids: tuple[int, ...] | None  # None: the teacher sees the student's prompt
     answer: str | None  # gold answer, when the data has one
     text: str  # the raw prompt (or last user message), for logs and checkers
+    # the hybrid (data.gold_prefix_field): the gold text's first tokens, which open the assistant turn; the student
+    # continues after them
+    gold_prefix: tuple[int, ...] = ()
 
 
 def _messages(prompt, system_prompt: str) -> list[dict]:
@@ -44,10 +49,12 @@ def render_ids(prompt, tokenizer: PreTrainedTokenizerBase, *, chat_template: boo
 
 def render(records, student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase, *,
            chat_template: bool, max_prompt_tokens: int, system_prompt: str = "", teacher_template: bool = False,
-           teacher_system_prompt: str | None = None, enable_thinking: bool | None = None) -> tuple[list[Prompt], int]:
+           teacher_system_prompt: str | None = None, enable_thinking: bool | None = None,
+           gold_prefix: Callable[[object], tuple[int, ...]] | None = None) -> tuple[list[Prompt], int]:
     """Prompts for `records` (objects with `.prompt` and `.answer`) and the number skipped for being longer than
     `max_prompt_tokens` (on either side). teacher_template: render the teacher's prompt with the teacher's
-    tokenizer and template; teacher_system_prompt: the teacher's own system prompt (None = the student's)."""
+    tokenizer and template; teacher_system_prompt: the teacher's own system prompt (None = the student's);
+    gold_prefix: each record's gold prefix ids (the hybrid)."""
     own_teacher = teacher_template or (teacher_system_prompt is not None and teacher_system_prompt != system_prompt)
     prompts, too_long = [], 0
     for record in records:
@@ -63,5 +70,6 @@ def render(records, student_tokenizer: PreTrainedTokenizerBase, teacher_tokenize
             too_long += 1
             continue
         text = record.prompt if isinstance(record.prompt, str) else record.prompt[-1]["content"]
-        prompts.append(Prompt(tuple(student), None if teacher is None else tuple(teacher), record.answer, text))
+        prompts.append(Prompt(tuple(student), None if teacher is None else tuple(teacher), record.answer, text,
+                              gold_prefix(record) if gold_prefix else ()))
     return prompts, too_long

@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -102,6 +103,21 @@ def is_correct(prompt_text: str, response_text: str) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A fixed-width task in the toy vocabulary: what `sft`, `greedy_accuracy` and `build_assets` train and score
+    (the addition here; opd/chain.py's running sums)."""
+
+    name: str
+    problems: Callable[[str], list[tuple[str, str]]]  # split -> (prompt text, answer text ending with "|")
+    is_correct: Callable[[str, str], bool]  # (prompt text, decoded response) -> exact match
+    prompt_tokens: int
+    answer_tokens: int
+
+
+ADDITION = Task("toy_addition", problems, is_correct, NUM_PROMPT_TOKENS, NUM_ANSWER_TOKENS)
+
+
 def build_tokenizer(out_dir: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
     """Build the character-level tokenizer, save it to ``out_dir`` and return it.
 
@@ -178,10 +194,10 @@ def student_config() -> Qwen3Config:
     return _qwen3_config(num_layers=2, hidden=64)
 
 
-def generation_config() -> GenerationConfig:
-    """Greedy decoding of exactly one answer (3 digits + ``|``)."""
+def generation_config(task: Task = ADDITION) -> GenerationConfig:
+    """Greedy decoding of exactly one answer (the addition's: 3 digits + ``|``)."""
     return GenerationConfig(
-        max_new_tokens=NUM_ANSWER_TOKENS,
+        max_new_tokens=task.answer_tokens,
         do_sample=False,
         eos_token_id=TOKEN_TO_ID[EOS],
         pad_token_id=TOKEN_TO_ID[PAD],
@@ -197,14 +213,15 @@ def greedy_accuracy(
     *,
     limit: int | None = None,
     batch_size: int = 500,
+    task: Task = ADDITION,
 ) -> float:
     """Greedy exact-match accuracy over the split's prompts (the first ``limit`` of them if given)."""
-    items = problems(split)[:limit]
+    items = task.problems(split)[:limit]
     if not items:
         raise ValueError(f"limit={limit} leaves no problems to score")
     was_training = model.training
     model.eval()
-    gen_config = generation_config()
+    gen_config = generation_config(task)
     num_correct = 0
     for start in range(0, len(items), batch_size):
         prompts = [p for p, _ in items[start : start + batch_size]]
@@ -213,7 +230,7 @@ def greedy_accuracy(
         new_ids_BN = out_BT[:, enc.input_ids.shape[1] :]
         # Keep special tokens: is_correct cuts at the first "|", so "05|2" cannot pass as "052".
         responses = tokenizer.batch_decode(new_ids_BN, skip_special_tokens=False)
-        num_correct += sum(is_correct(p, r) for p, r in zip(prompts, responses, strict=True))
+        num_correct += sum(task.is_correct(p, r) for p, r in zip(prompts, responses, strict=True))
     model.train(was_training)
     return num_correct / len(items)
 
@@ -275,11 +292,12 @@ class SFTResult:
     wall_s: float
 
 
-def _encode_split(tokenizer: PreTrainedTokenizerFast, split: str) -> torch.Tensor:
-    """All ``prompt + answer`` sequences of a split: ``[num_problems, 10]`` int64 (fixed width, no padding)."""
-    texts = [p + a for p, a in problems(split)]
+def _encode_split(tokenizer: PreTrainedTokenizerFast, split: str, task: Task = ADDITION) -> torch.Tensor:
+    """All ``prompt + answer`` sequences of a split: ``[num_problems, prompt + answer]`` int64 (fixed width, no
+    padding; 10 for the addition)."""
+    texts = [p + a for p, a in task.problems(split)]
     ids_NT = torch.tensor(tokenizer(texts).input_ids, dtype=torch.long)
-    assert ids_NT.shape == (len(texts), NUM_PROMPT_TOKENS + NUM_ANSWER_TOKENS)
+    assert ids_NT.shape == (len(texts), task.prompt_tokens + task.answer_tokens)
     return ids_NT
 
 
@@ -289,10 +307,11 @@ def sft(
     cfg: SFTConfig,
     *,
     generator: torch.Generator,
+    task: Task = ADDITION,
 ) -> SFTResult:
     """Train ``model`` in place on the train split; return steps used and the last held-out accuracy."""
     t0 = time.perf_counter()
-    ids_NT = _encode_split(tokenizer, "train")
+    ids_NT = _encode_split(tokenizer, "train", task)
     num_train = ids_NT.shape[0]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
     model.train()
@@ -308,8 +327,8 @@ def sft(
         batch_BT = ids_NT[batch_idx]
         # Position t predicts token t+1; the answer tokens sit at 6..9, so logits at 5..8 are scored and the
         # last token ("|") never needs to be fed in.
-        logits_BAV = model(input_ids=batch_BT[:, :-1]).logits[:, NUM_PROMPT_TOKENS - 1 :]
-        targets_BA = batch_BT[:, NUM_PROMPT_TOKENS:]
+        logits_BAV = model(input_ids=batch_BT[:, :-1]).logits[:, task.prompt_tokens - 1 :]
+        targets_BA = batch_BT[:, task.prompt_tokens:]
         loss = torch.nn.functional.cross_entropy(logits_BAV.reshape(-1, logits_BAV.shape[-1]), targets_BA.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -318,7 +337,7 @@ def sft(
         step += 1
         if step >= cfg.min_steps and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             loss_value = loss.item()  # sync point, only at evaluation steps
-            accuracy = greedy_accuracy(model, tokenizer, "eval")
+            accuracy = greedy_accuracy(model, tokenizer, "eval", task=task)
             logger.info("sft step %d loss %.4f eval/accuracy %.3f", step, loss_value, accuracy)
             if accuracy >= cfg.target_accuracy:
                 break
@@ -326,8 +345,9 @@ def sft(
     return SFTResult(num_steps=step, eval_accuracy=accuracy, final_loss=loss_value, wall_s=time.perf_counter() - t0)
 
 
-def _save_model(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
-    model.generation_config = generation_config()
+def _save_model(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, out_dir: Path,
+                task: Task = ADDITION) -> None:
+    model.generation_config = generation_config(task)
     # save_pretrained draws a progress bar per (single) shard; mute it for the duration only.
     bar_was_enabled = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
@@ -339,7 +359,8 @@ def _save_model(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, out
     _save_tokenizer(tokenizer, out_dir)
 
 
-def build_assets(out_dir: str | os.PathLike[str], seed: int = 0) -> None:
+def build_assets(out_dir: str | os.PathLike[str], seed: int = 0, *, task: Task = ADDITION,
+                 teacher: SFTConfig | None = None, student: SFTConfig | None = None) -> None:
     """Build tokenizer, teacher and student into ``out_dir`` (replacing it), atomically.
 
     Layout: ``teacher/`` and ``student/`` (float32 safetensors + tokenizer each) and ``build_info.json``.
@@ -347,6 +368,7 @@ def build_assets(out_dir: str | os.PathLike[str], seed: int = 0) -> None:
     crash never leaves half-written assets behind. Reruns with the same seed on the same machine are identical.
     """
     t0 = time.perf_counter()
+    teacher_cfg, student_cfg = teacher or teacher_sft(), student or student_sft()
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -359,30 +381,30 @@ def build_assets(out_dir: str | os.PathLike[str], seed: int = 0) -> None:
 
         torch.manual_seed(seed)  # model init
         teacher = Qwen3ForCausalLM(teacher_config())
-        teacher_result = sft(teacher, tokenizer, teacher_sft(), generator=generator)
-        if teacher_result.eval_accuracy < teacher_sft().target_accuracy:
+        teacher_result = sft(teacher, tokenizer, teacher_cfg, generator=generator, task=task)
+        if teacher_result.eval_accuracy < teacher_cfg.target_accuracy:
             raise RuntimeError(
                 f"teacher reached only {teacher_result.eval_accuracy:.3f} held-out accuracy in "
-                f"{teacher_result.num_steps} steps (target {teacher_sft().target_accuracy}); try another seed"
+                f"{teacher_result.num_steps} steps (target {teacher_cfg.target_accuracy}); try another seed"
             )
-        _save_model(teacher, tokenizer, tmp_dir / "teacher")
+        _save_model(teacher, tokenizer, tmp_dir / "teacher", task)
 
         torch.manual_seed(seed + 1)  # a different init from the teacher's
         student = Qwen3ForCausalLM(student_config())
-        student_result = sft(student, tokenizer, student_sft(), generator=generator)
-        _save_model(student, tokenizer, tmp_dir / "student")
+        student_result = sft(student, tokenizer, student_cfg, generator=generator, task=task)
+        _save_model(student, tokenizer, tmp_dir / "student", task)
 
         info = {
             "seed": seed,
             "split_seed": SPLIT_SEED,
             "teacher": {
                 "num_params": sum(p.numel() for p in teacher.parameters()),
-                "sft": dataclasses.asdict(teacher_sft()),
+                "sft": dataclasses.asdict(teacher_cfg),
                 **dataclasses.asdict(teacher_result),
             },
             "student": {
                 "num_params": sum(p.numel() for p in student.parameters()),
-                "sft": dataclasses.asdict(student_sft()),
+                "sft": dataclasses.asdict(student_cfg),
                 **dataclasses.asdict(student_result),
             },
             "wall_s": round(time.perf_counter() - t0, 2),
