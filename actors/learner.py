@@ -22,6 +22,7 @@ from kernels.chunked import chunked_cross_entropy, chunked_divergence, chunked_s
 from opd import checkpoint, data_parallel
 from opd.batch import SOURCES, STUDENT, OutputHead, PackedRows, RolloutBatch, TeacherScores, padding_waste
 from opd.config import Config
+from opd.metrics import loss_metrics
 from opd.models import DTYPES, model_source
 from transport import hidden_states, weights
 
@@ -171,16 +172,9 @@ class LearnerActor:
         lc, r = self.cfg.loss, self.cfg.rollout
         index = packed.token_index.to(self.device)
         sampled_ids, sampled_logprobs = batch.response_ids.to(self.device)[index], batch.logprobs.to(self.device)[index]
-        token_source, gold = batch.token_source()[packed.token_index], batch.gold[packed.token_index]
-        # the divergence's rows per source present (None: every row, the usual case, which indexes nothing)
-        trained = (~gold).nonzero()[:, 0] if bool(gold.any()) else None
-        sources = token_source if trained is None else token_source[trained]
-        if len(sources.unique()) == 1:
-            groups = {int(sources[0]): None if trained is None else trained.to(self.device)}
-        else:
-            every = torch.arange(len(token_source)) if trained is None else trained
-            groups = {int(s): every[sources == s].to(self.device) for s in sources.unique()}
-        gold_rows = gold.nonzero()[:, 0].to(self.device) if trained is not None else None
+        groups, gold_rows = batch.loss_rows(packed.token_index)
+        groups = {s: None if rows is None else rows.to(self.device) for s, rows in groups.items()}
+        gold_rows = None if gold_rows is None else gold_rows.to(self.device)
         comparable = r.top_p == 1.0 and r.top_k == 0 and STUDENT in groups
 
         def loss_fn(h_s, w_s):
@@ -315,22 +309,7 @@ class LearnerActor:
         data_parallel.all_reduce(sums)
         loss, by_source, nll = sums[0], sums[1:-1].view(len(SOURCES), 3), sums[-1]
         gap = data_parallel.all_reduce(gap, "max")[0]
-        names = (("kl/reverse/sampled_mean", -1.0), ("is_ratio/mean", 1.0), ("is_ratio/clipped_fraction", 1.0)) \
-            if sampled else (("kl/forward/mean", 1.0), ("kl/reverse/mean", 1.0), ("entropy/student/mean", 1.0))
-        stats, trained = by_source.sum(0), ~batch.gold  # the divergence's tokens: all but the gold prefixes
-        n_trained = int(trained.sum())
-        metrics = {name: sign * float(stats[i]) / n_trained for i, (name, sign) in enumerate(names)}
-        if self.cfg.rollout.student_fraction < 1:  # each source's share of the step and its divergence
-            tokens = torch.bincount(batch.token_source()[trained], minlength=len(SOURCES)).tolist()
-            samples = torch.bincount(batch.source, minlength=len(SOURCES)).tolist()
-            for s in (STUDENT, SOURCES.index(self.cfg.rollout.off_policy_source)):
-                source = SOURCES[s]
-                metrics[f"source/{source}/samples"] = float(samples[s])
-                metrics.update({f"source/{source}/{name}": sign * float(by_source[s, i]) / tokens[s]
-                                if tokens[s] else float("nan") for i, (name, sign) in enumerate(names)})
-        if self.cfg.data.gold_prefix_field:  # the hybrid
-            metrics["sft/gold_tokens"] = float(n - n_trained)
-            metrics["sft/nll/mean"] = float(nll) / (n - n_trained) if n > n_trained else float("nan")
+        metrics = loss_metrics(batch, by_source, float(nll), sampled=sampled, cfg=self.cfg)
         comparable = self.cfg.rollout.top_p == 1.0 and self.cfg.rollout.top_k == 0 and batch.on_policy
         return loss, {**metrics, "logprob/learner_minus_rollout/absmax": float(gap) if comparable else float("nan")}
 

@@ -35,7 +35,10 @@ RECOVER_TIMEOUT_S = 300  # a restarted actor reloads its model
 
 def connect(cfg: Config) -> bool:
     """Join the cluster named by run.ray_address or RAY_ADDRESS (set by `ray job submit`), else start a
-    private local instance. Returns whether this process started Ray (and so must shut it down)."""
+    private local instance; a Ray this process already joined (opd.study: one instance for all its runs) is
+    kept. Returns whether this call started Ray (and so must shut it down)."""
+    if ray.is_initialized():
+        return False
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)

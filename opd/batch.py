@@ -63,6 +63,19 @@ class RolloutBatch:
         assert self.gold.dtype == torch.bool and self.gold.shape == self.response_ids.shape
         return self
 
+    def loss_rows(self, token_index: Tensor) -> tuple[dict[int, Tensor | None], Tensor | None]:
+        """The rows of a micro-batch (its response tokens `token_index`) by what the loss does with them: the
+        divergence's rows per sample source present (None: every row, the usual case, which indexes nothing),
+        and the hybrid's gold-prefix rows for the cross-entropy (None: there are none)."""
+        token_source, gold = self.token_source()[token_index], self.gold[token_index]
+        trained = (~gold).nonzero()[:, 0] if bool(gold.any()) else None
+        sources = token_source if trained is None else token_source[trained]
+        if len(sources.unique()) == 1:
+            return {int(sources[0]): trained}, None if trained is None else gold.nonzero()[:, 0]
+        every = torch.arange(len(token_source)) if trained is None else trained
+        return ({int(s): every[sources == s] for s in sources.unique()},
+                None if trained is None else gold.nonzero()[:, 0])
+
     def with_gold_prefix(self, prefix_lens: list[int]) -> "RolloutBatch":
         """The hybrid: each sample was generated from its prompt followed by a gold prefix of `prefix_lens[i]`
         tokens (the prompt's last ones here); those become the first tokens of its response, marked `gold`

