@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -86,15 +84,8 @@ def build_assets(out_dir: str | Path, seed: int = 0) -> None:
 
 
 def ensure_assets(out_dir: str | Path) -> Path:
-    """``out_dir`` once it holds ``teacher/`` and ``student/``, building them first if missing (minutes)."""
-    out_dir = Path(out_dir)
-    if (out_dir / "teacher" / "config.json").exists() and (out_dir / "student" / "config.json").exists():
-        return out_dir
-    print(f"chain assets missing under {out_dir}: building them (a few minutes on a CPU)", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    build_assets(out_dir)
-    print(f"built chain assets under {out_dir} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    return out_dir
+    """``out_dir`` once it holds ``teacher/`` and ``student/``, building them first if missing."""
+    return toy.ensure_assets(out_dir, task=TASK, teacher=teacher_sft(), student=student_sft(), takes="~2 minutes")
 
 
 def main(argv: list[str] | None = None) -> None:

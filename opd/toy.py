@@ -426,16 +426,19 @@ def build_assets(out_dir: str | os.PathLike[str], seed: int = 0, *, task: Task =
             shutil.rmtree(tmp_dir)
 
 
-def ensure_assets(out_dir: str | os.PathLike[str]) -> Path:
-    """Return ``out_dir`` once it holds ``teacher/`` and ``student/``, building them first if missing."""
+def ensure_assets(out_dir: str | os.PathLike[str], *, task: Task = ADDITION, teacher: SFTConfig | None = None,
+                  student: SFTConfig | None = None, takes: str = "about a minute") -> Path:
+    """Return ``out_dir`` once it holds ``teacher/`` and ``student/``, building them first if missing (`task`,
+    with these SFT settings)."""
     out_dir = Path(out_dir)
     if (out_dir / "teacher" / "config.json").exists() and (out_dir / "student" / "config.json").exists():
         return out_dir
     # print, not log: the driver does not configure logging, and a silent minute looks like a hang.
-    print(f"toy assets missing under {out_dir}: building them (about a minute on a CPU)", file=sys.stderr, flush=True)
+    print(f"{task.name} assets missing under {out_dir}: building them ({takes} on a CPU)", file=sys.stderr,
+          flush=True)
     t0 = time.perf_counter()
-    build_assets(out_dir)
-    print(f"built toy assets under {out_dir} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    build_assets(out_dir, task=task, teacher=teacher, student=student)
+    print(f"built {task.name} assets under {out_dir} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return out_dir
 
 

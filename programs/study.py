@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -34,9 +35,12 @@ class Task:
 
 TASKS = {
     "addition": Task("addition", "2-digit addition (4-token answers)", (), 2),
+    # lr 5e-4: at the addition's 2e-3 the running-sums student first gets worse (held-out reverse KL 4.0 -> 6.2
+    # in 40 steps) and reaches 1-11 % in 120 steps; at 5e-4 25 % on-policy, 46 % on the teacher's samples, at
+    # 1e-3 15 % and 18 % (docs/LOG.md, 2026-11-30)
     "chain": Task("chain", "running sums of 6 digits (11-token answers)",
                   ("model.student=assets/chain/student", "model.teacher=assets/chain/teacher", "data.source=toy_chain",
-                   "rollout.max_new_tokens=12"), 5),
+                   "rollout.max_new_tokens=12", "learner.lr=5e-4"), 5),
 }
 
 ON_POLICY_RKL, TEACHER_RKL = "rkl", "rkl_teacher"
@@ -49,7 +53,8 @@ def runs(task: Task) -> list[tuple[str, str, list[str]]]:
         ("fkl", "fkl, on-policy", ["loss.kind=fkl"]),
         (ON_POLICY_RKL, "rkl, on-policy", ["loss.kind=rkl"]),
         ("jsd", "jsd(0.5), on-policy", ["loss.kind=jsd", "loss.beta=0.5"]),
-        ("sampled_rkl", "sampled rkl, on-policy", ["loss.kind=sampled_rkl"]),
+        # at the others' lr 2e-3 the sampled-token estimator diverges on these tasks (docs/LOG.md, 2026-11-22)
+        ("sampled_rkl", "sampled rkl, on-policy (lr 2e-4)", ["loss.kind=sampled_rkl", "learner.lr=2e-4"]),
         (TEACHER_RKL, "rkl, teacher's samples (λ = 0)", ["rollout.student_fraction=0", *teacher]),
         ("rkl_mixed", "rkl, λ = 0.5", ["rollout.student_fraction=0.5", *teacher]),
         ("sft", "SFT on gold answers", ["data.gold_prefix_field=answer", "loss.sft_weight=1"]),
@@ -107,7 +112,10 @@ def run_all(args) -> dict:
             run_dir = args.out / task.name / run_name
             argv = [a for s in (*task.settings, *common, *settings, f"train.seed={seed}",
                                 f"run.out_dir={args.out / task.name}", f"run.name={run_name}") for a in ("--set", s)]
-            if not (run_dir / "eval.jsonl").is_file() or len(curves(run_dir)) < args.steps // args.eval_every + 1:
+            done = run_dir / "study_args.json"  # a run is reused only if complete and with the same settings
+            if not done.is_file() or json.loads(done.read_text()) != argv:
+                if run_dir.exists():
+                    shutil.rmtree(run_dir)
                 cfg = driver.parse_args(argv)
                 if started is None:
                     started = connect(cfg)
@@ -115,6 +123,7 @@ def run_all(args) -> dict:
                 t0 = time.perf_counter()
                 driver.run(cfg)
                 print(f"study: {run_name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+                done.write_text(json.dumps(argv))
             results.append({"task": task.name, "run": name, "label": label, "seed": seed,
                             "curve": curves(run_dir), "settings": list(settings)})
     finally:

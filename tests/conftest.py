@@ -41,3 +41,17 @@ def calm_run(root, tmp_path_factory) -> Path:
                            "run.name=calm"], cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return out / "calm"
+
+
+def toy_states(root, batch, pad_id: int):
+    """Fresh copies of the toy student and teacher, and their final hidden states at `batch`'s response
+    positions, from materialised padded forwards (the student's with autograd): (student, teacher, h_s, h_t)."""
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(root / "assets/toy/student", dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(root / "assets/toy/teacher", dtype=torch.float32)
+    ids, mask, pos = batch.padded(pad_id)
+    h_s = student.model(input_ids=ids, attention_mask=mask).last_hidden_state.flatten(0, 1)[pos]
+    with torch.no_grad():
+        h_t = teacher.model(input_ids=ids, attention_mask=mask).last_hidden_state.flatten(0, 1)[pos]
+    return student, teacher, h_s, h_t

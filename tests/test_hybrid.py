@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from actors.learner import LearnerActor
 from actors.rollout import RolloutActor
 from actors.teacher import TeacherActor
+from conftest import toy_states
 from kernels.chunked import chunked_cross_entropy
 from kernels.reference import distill_loss
 from opd.batch import RolloutBatch
@@ -80,12 +80,7 @@ def test_hybrid_loss_equals_the_materialised_reference(root):
         assert int(gold.sum()) == 12 and int((~gold).sum()) >= 6  # the student wrote at least one token each
         scores = list(teacher.score(batch))
 
-        student = AutoModelForCausalLM.from_pretrained(root / "assets/toy/student", dtype=torch.float32)
-        tmodel = AutoModelForCausalLM.from_pretrained(root / "assets/toy/teacher", dtype=torch.float32)
-        ids, mask, pos = batch.padded(learner.pad_id)
-        h_s = student.model(input_ids=ids, attention_mask=mask).last_hidden_state.flatten(0, 1)[pos]
-        with torch.no_grad():
-            h_t = tmodel.model(input_ids=ids, attention_mask=mask).last_hidden_state.flatten(0, 1)[pos]
+        student, tmodel, h_s, h_t = toy_states(root, batch, learner.pad_id)
         n = batch.num_response_tokens
         divergence = distill_loss(h_s, student.lm_head.weight, h_t, tmodel.lm_head.weight, (~gold).float(),
                                   kind="rkl", beta=0.5, temperature=1.0, num_tokens=n)

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from actors.learner import LearnerActor
 from actors.rollout import RolloutActor
 from actors.teacher import TeacherActor
+from conftest import toy_states
 from kernels.reference import distill_loss
 from opd import toy
 from opd.batch import DATASET, STUDENT, TEACHER, RolloutBatch
@@ -64,12 +64,7 @@ def test_the_teacher_answers_its_share_and_the_loss_and_metrics_equal_the_refere
         assert batch.policy_version == mine.policy_version and batch.on_policy
         scores = list(teacher.score(batch))
 
-        student = AutoModelForCausalLM.from_pretrained(root / "assets/toy/student", dtype=torch.float32)
-        tmodel = AutoModelForCausalLM.from_pretrained(root / "assets/toy/teacher", dtype=torch.float32)
-        ids, mask, pos = batch.padded(learner.pad_id)
-        h_s = student.model(input_ids=ids, attention_mask=mask).last_hidden_state.flatten(0, 1)[pos]
-        with torch.no_grad():
-            h_t = tmodel.model(input_ids=ids, attention_mask=mask).last_hidden_state.flatten(0, 1)[pos]
+        student, tmodel, h_s, h_t = toy_states(root, batch, learner.pad_id)
         n = batch.num_response_tokens
         want = distill_loss(h_s, student.lm_head.weight, h_t, tmodel.lm_head.weight, torch.ones(n), kind="rkl",
                             beta=0.5, temperature=1.0, num_tokens=n)
