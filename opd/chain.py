@@ -67,7 +67,8 @@ def correct_prefix(prompt_text: str, response_text: str) -> int:
     return k
 
 
-TASK = toy.Task("toy_chain", problems, is_correct, NUM_PROMPT_TOKENS, NUM_ANSWER_TOKENS)
+# 64 positions: a run's prompt (12) + the hybrid's or SFT's gold prefix (up to 10) + rollout.max_new_tokens (12)
+TASK = toy.Task("toy_chain", problems, is_correct, NUM_PROMPT_TOKENS, NUM_ANSWER_TOKENS, max_positions=64)
 
 
 def teacher_sft() -> toy.SFTConfig:
