@@ -57,6 +57,9 @@ def prepare(cfg: Config) -> tuple[Config, Path, int]:
     if not b.shapes and (b.num_layers or b.vocab_size):
         raise ConfigError("bench.num_layers and bench.vocab_size change a shape: set bench.shapes too (one of "
                           f"{', '.join(SHAPE_PAIRS)})")
+    if cfg.rollout.student_fraction < 1 or cfg.data.gold_prefix_field:
+        raise ConfigError("--bench times on-policy steps on random prompts: leave rollout.student_fraction at 1 and "
+                          "data.gold_prefix_field empty")
     check_devices(cfg)
     cfg = dataclasses.replace(
         cfg, rollout=dataclasses.replace(cfg.rollout, ignore_eos=True),

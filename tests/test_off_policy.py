@@ -109,6 +109,14 @@ def test_bad_settings_are_refused(setting, needle):
         override(tiny_cpu(), setting)
 
 
+def test_the_benchmark_refuses_off_policy_settings(root):
+    from programs.bench import prepare
+
+    for setting in ("rollout.student_fraction=0.5", "data.gold_prefix_field=answer"):
+        with pytest.raises(ConfigError, match="--bench times on-policy steps"):
+            prepare(override(tiny_cpu(), setting))
+
+
 def test_sampled_rkl_needs_the_students_samples():
     with pytest.raises(ConfigError, match="loss.kind=sampled_rkl needs the student's own samples"):
         _cfg("rollout.student_fraction=0.5", "loss.kind=sampled_rkl")
