@@ -166,14 +166,23 @@ def table(study: dict) -> str:
     seeds = sorted({r["seed"] for r in study["runs"]})
     if len(seeds) > 1:
         task = next(r["task"] for r in study["runs"] if r["seed"] == seeds[-1])
-        lines += [f"**Seeds {', '.join(map(str, seeds))}** ({TASKS[task].title}): final held-out accuracy and reverse "
-                  f"KL, mean (min-max)", "", "| run | accuracy | reverse KL |", "|---|---:|---:|"]
+        pair = [r for r in study["runs"] if r["task"] == task and r["run"] in (ON_POLICY_RKL, TEACHER_RKL)]
+        budget = min(r["curve"][-1]["teacher_tokens"] for r in pair)
+
+        def spread(values, fmt):
+            return f"{statistics.mean(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+        lines += [f"**Seeds {', '.join(map(str, seeds))}** ({TASKS[task].title}): held-out accuracy and reverse KL "
+                  f"after {study['steps']} steps and at {budget / 1e3:.1f}k teacher tokens, mean (min-max)", "",
+                  "| run | accuracy, end | reverse KL, end | accuracy at equal teacher tokens | reverse KL at equal "
+                  "teacher tokens |", "|---|---:|---:|---:|---:|"]
         for name in (ON_POLICY_RKL, TEACHER_RKL):
-            finals = [r["curve"][-1] for r in study["runs"] if r["task"] == task and r["run"] == name]
-            acc, kl = [f["accuracy"] for f in finals], [f["reverse_kl"] for f in finals]
-            label = next(r["label"] for r in study["runs"] if r["run"] == name)
-            lines.append(f"| {label} | {statistics.mean(acc):.1%} ({min(acc):.1%}-{max(acc):.1%}) | "
-                         f"{statistics.mean(kl):.3f} ({min(kl):.3f}-{max(kl):.3f}) |")
+            mine = [r["curve"] for r in pair if r["run"] == name]
+            label = next(r["label"] for r in pair if r["run"] == name)
+            lines.append(f"| {label} | {spread([c[-1]['accuracy'] for c in mine], '.1%')} | "
+                         f"{spread([c[-1]['reverse_kl'] for c in mine], '.3f')} | "
+                         f"{spread([at(c, budget, 'accuracy') for c in mine], '.1%')} | "
+                         f"{spread([at(c, budget, 'reverse_kl') for c in mine], '.3f')} |")
         lines.append("")
     return "\n".join(lines)
 
