@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
@@ -151,7 +152,10 @@ class HFEngine:
         if self._own_head is None and cache is None:
             theirs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 use_cache=False, logits_to_keep=1).logits[:, -1].float()
-            self._own_head = torch.allclose(logits, theirs, rtol=1e-3, atol=1e-4 * float(theirs.abs().max()))
+            scale = float(theirs.abs().max())
+            if not math.isfinite(scale):  # non-finite logits (a broken model) decide nothing: ask again next time
+                return theirs, getattr(out, key)
+            self._own_head = torch.allclose(logits, theirs, rtol=1e-3, atol=1e-4 * scale)
             if not self._own_head:
                 return theirs, getattr(out, key)  # the same cache: only the head differs
         return logits, getattr(out, key)
