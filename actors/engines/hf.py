@@ -203,11 +203,12 @@ class HFEngine:
         return ids.cpu(), torch.nn.functional.pad(torch.stack(logprobs, 1), (0, pad)).cpu()
 
 
-# A decode step's projections have one row per sequence. On one CPU thread (side-by-side student, Qwen3-1.7B's
-# widths; 1-64 rows) the fastest of torch's matmuls depends on the shape: oneDNN's linear for long rows (1.5-2.2x
-# MKL's at 2048-6144 inputs), `w @ x.T` for short ones with up to FEW_ROWS rows, else the usual `x @ w.T`.
+# A decode step's projections have one row per sequence. On one CPU thread (side-by-side student, SmolLM2's and
+# Qwen3-1.7B's widths; 1-64 rows) the fastest of torch's matmuls depends on the shape: oneDNN's linear for long
+# rows (1.5-2.2x MKL's at 2048-6144 inputs; level with it at 576-1536), `w @ x.T` for short ones with up to
+# FEW_ROWS rows, else the usual `x @ w.T`.
 FEW_ROWS = 4
-ONEDNN_MIN_INPUTS, ONEDNN_MAX_ROWS = 1024, 64
+ONEDNN_MIN_INPUTS, ONEDNN_MAX_ROWS = 2048, 64
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -248,8 +249,6 @@ def few_row_projections(forwards: dict[torch.nn.Linear, functools.partial]):
 
 def filter_probs(probs: torch.Tensor, *, top_k: int, top_p: float) -> torch.Tensor:
     """Top-k then top-p (nucleus) truncation of `[B, V]` probabilities, renormalised (transformers' order)."""
-    if top_k <= 0 and top_p >= 1.0:
-        return probs
     if top_k > 0:
         kth = probs.topk(min(top_k, probs.shape[-1]), dim=-1).values[:, -1:]
         probs = probs.masked_fill(probs < kth, 0.0)
