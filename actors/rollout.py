@@ -31,7 +31,7 @@ class RolloutActor:
             # colocated: the parameters become views of the learner's serving buffer at the first sync, straight
             # from host memory; moving them to the GPU first would strand a second copy of the student there
             model = model if cfg.run.mode == "colocated" else model.to(device)
-            self.engine = HFEngine(model, eos_id=eos_id, pad_id=pad_id,
+            self.engine = HFEngine(model, eos_id=eos_id, pad_id=pad_id, compile=cfg.rollout.compile,
                                    sampler=resolve_sampler(cfg.rollout.sampler, device))
 
     def generate(self, prompts: list[list[int]], *, seed: int, greedy: bool = False,

@@ -86,6 +86,10 @@ class RolloutConfig:
     # hf engine: its own KV-cached decode loop sampling with torch, or on a GPU with FlashInfer's kernels (auto:
     # FlashInfer when installed on a GPU, else torch); generate: transformers' `generate`, the reference
     sampler: str = "auto"
+    # hf engine on the CPU (run.mode=cpu): the decode steps through torch.compile (the decoder, and the output head
+    # for up to 4 rows). Needs a C++ compiler; compiles once per process and batch shape (~15-40 s on 2 cores),
+    # then ~30 % off a decode step: for long rollouts (benchmarks, the side by side), not for short ones.
+    compile: bool = False
     mem_fraction: float = 0.4  # sglang: GPU memory fraction for its weights and KV cache (mem_fraction_static)
     # The fraction of each step's prompts the student answers (1: on-policy distillation). The others are answered
     # by off_policy_source: "teacher" (the teacher samples, with the settings above) or "dataset" (the gold
@@ -100,6 +104,9 @@ class RolloutConfig:
                  f"{self.off_policy_source!r} is unknown: use one of {OFF_POLICY_SOURCES}")
         _require(self.engine in ENGINES, f"rollout.engine={self.engine!r} is unknown: use one of {ENGINES}")
         _require(self.sampler in SAMPLERS, f"rollout.sampler={self.sampler!r} is unknown: use one of {SAMPLERS}")
+        _require(not self.compile or (self.engine == "hf" and self.sampler != "generate"),
+                 f"rollout.compile=true compiles the hf engine's decode loop: use rollout.engine=hf with rollout.sampler "
+                 f"auto or torch (not engine={self.engine}, sampler={self.sampler})")
         _require(0 < self.mem_fraction < 1, f"rollout.mem_fraction={self.mem_fraction} must be in (0, 1)")
         _require(self.num_samples > 0, f"rollout.num_samples={self.num_samples} must be > 0")
         _require(self.temperature > 0, f"rollout.temperature={self.temperature} must be > 0")
@@ -316,6 +323,9 @@ class Config:
                  f"loss.kind=sampled_rkl needs the student's own samples (its importance ratio is against the "
                  f"sampler's log-probs), rollout.student_fraction={self.rollout.student_fraction}: use 1 or a "
                  f"full-vocabulary loss (fkl, rkl, jsd)")
+        _require(not self.rollout.compile or self.run.mode == "cpu",
+                 f"rollout.compile=true compiles the hf engine's CPU decode loop: use it with run.mode=cpu (the "
+                 f"GPU modes' engine is SGLang), not run.mode={self.run.mode}")
         _require(not self.data.gold_prefix_field or self.rollout.student_fraction == 1,
                  f"data.gold_prefix_field (the hybrid) trains on the student's continuations of gold prefixes; "
                  f"rollout.student_fraction={self.rollout.student_fraction} would mix in off-policy samples: use 1")

@@ -130,6 +130,7 @@ def preflight(cfg: Config) -> Prepared:
     prompts = build_prompt_set(cfg.data, cfg.train.seed, tokenizers["student"], tokenizers["teacher"])
     check_positions(cfg, prompts, configs)
     check_off_policy(cfg, prompts)
+    check_compiler(cfg)
     check_memory(cfg, prompts)  # the last refusal, before the run directory or a resume touches anything
     if cfg.run.resume:
         run_dir, checkpoint, lock = prepare_resume(cfg)
@@ -162,6 +163,19 @@ def check_off_policy(cfg: Config, prompts: PromptSet) -> None:
             raise ConfigError(f"rollout.off_policy_source=dataset needs a gold answer for every training prompt; "
                               f"{missing} of {len(prompts.train)} in data.source={cfg.data.source} have none: add an "
                               f"answer or solution field, or use rollout.off_policy_source=teacher")
+
+
+def check_compiler(cfg: Config) -> None:
+    """rollout.compile: torch.compile builds its CPU kernels with a C++ compiler (inductor's search: $CXX, g++)."""
+    if not cfg.rollout.compile:
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # inductor's InvalidCxxCompiler, or a broken $CXX
+        raise ConfigError(f"rollout.compile=true needs a C++ compiler for torch.compile's CPU kernels and none "
+                          f"was found ({type(e).__name__}): install g++ (or set CXX), or set rollout.compile=false")
 
 
 def check_memory(cfg: Config, prompts: PromptSet) -> None:

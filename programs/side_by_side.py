@@ -98,7 +98,8 @@ def run_opd(student: Path, teacher: Path, out_dir: Path, args) -> dict:
                 "rollout.temperature": 1.0, "rollout.top_k": 0, "rollout.top_p": 1.0, "loss.kind": "rkl",
                 "loss.temperature": 1.0, "learner.lr": 1e-5, "learner.lr_schedule": "constant",
                 "learner.max_grad_norm": 1.0, "bench.prompt_tokens": args.prompt_tokens,
-                "bench.warmup_steps": args.warmup_steps, "bench.steps": args.steps}
+                "bench.warmup_steps": args.warmup_steps, "bench.steps": args.steps,
+                "rollout.compile": str(args.compile).lower()}
     command = [sys.executable, str(PROJECT_ROOT / "driver.py"), "--bench"]
     for key, value in settings.items():
         command += ["--set", f"{key}={value}"]
@@ -158,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per process, both systems (one: robust on a busy 2-core machine)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="this project's rollout.compile (the decode steps through torch.compile; compiled in "
+                             "the warm-up step). --no-compile: the default eager loop")
     parser.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / "runs" / "side_by_side")
     parser.add_argument("--name", default="")
     args = parser.parse_args(argv)
@@ -174,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
               "command": " ".join(["python -m programs.side_by_side", *(argv if argv is not None else sys.argv[1:])]),
               "workload": {"prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
                            "response_tokens": args.response_tokens, "vocab": args.vocab, "threads": args.threads,
-                           "warmup_steps": args.warmup_steps, "steps": args.steps, "student": STUDENT,
-                           "teacher": TEACHER, "machine": f"{os.cpu_count()}-core CPU"},
+                           "warmup_steps": args.warmup_steps, "steps": args.steps, "opd_compile": args.compile,
+                           "student": STUDENT, "teacher": TEACHER, "machine": f"{os.cpu_count()}-core CPU"},
               "trl_version": trl["trl"], "comparison": compare(opd, trl), "trl": trl, "opd_bench": opd}
     (out_dir / "side_by_side.json").write_text(json.dumps(result, indent=2) + "\n")
     print("\n" + format_comparison(result))

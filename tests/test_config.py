@@ -116,3 +116,21 @@ def test_malformed_dataset_line_stops_before_ray(root, tmp_path):
     line = _driver_error(root, "--set", f"data.source={data}", "--set", "data.chat_template=false",
                          "--set", "data.num_eval_prompts=1", "--set", f"run.out_dir={tmp_path / 'runs'}")
     assert "prompts.jsonl:3" in line, line
+
+
+def test_rollout_compile_is_the_cpu_decode_loops(monkeypatch):
+    """rollout.compile: refused with another sampler or engine, outside cpu mode, and (preflight, before Ray)
+    without a C++ compiler for inductor's CPU kernels."""
+    import torch._inductor.config
+
+    from opd.preflight import check_compiler
+
+    cfg = override(tiny_cpu(), "rollout.compile=true")
+    with pytest.raises(ConfigError, match="rollout.compile=true compiles the hf engine's decode loop"):
+        override(cfg, "rollout.sampler=generate")
+    with pytest.raises(ConfigError, match="use it with run.mode=cpu"):
+        override(cfg, "run.mode=colocated")
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/no/such/c++"))
+    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler .* or set rollout.compile=false"):
+        check_compiler(cfg)
+    check_compiler(tiny_cpu())  # off: nothing to check

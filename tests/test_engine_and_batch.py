@@ -1,5 +1,6 @@
 """The hf engine's sampling contract and the batch layout every actor relies on."""
 
+import dataclasses
 import functools
 
 import torch
@@ -181,3 +182,57 @@ def test_decode_projections_equal_linear_and_are_removed_after():
                                                   None if m.bias is None else m.bias.double())
                 assert g.shape == (rows, 1, 40) and torch.allclose(g.double(), want, rtol=0, atol=1e-5 * inputs ** 0.5)
         assert all("forward" not in vars(m) for m in layers)
+
+
+def test_preallocated_cache_layer_equals_transformers_dynamic_layer():
+    """The decode loop's KV cache layer returns what transformers' DynamicLayer returns after every update
+    (prefill, then single positions and a block), and refuses to write past its buffers."""
+    import pytest
+    from transformers.cache_utils import DynamicLayer
+
+    from actors.engines.hf import PreallocatedLayer
+
+    ours, theirs = PreallocatedLayer(9), DynamicLayer()
+    g = torch.Generator().manual_seed(0)
+    for length in (4, 1, 1, 3):
+        k, v = torch.randn(2, 3, length, 5, generator=g), torch.randn(2, 3, length, 5, generator=g)
+        for a, b in zip(ours.update(k, v), theirs.update(k, v), strict=True):
+            assert torch.equal(a, b)
+        assert ours.get_seq_length() == theirs.get_seq_length()
+        assert ours.get_mask_sizes(1) == theirs.get_mask_sizes(1)
+    with pytest.raises(ValueError, match="holds 9 positions"):
+        ours.update(k[:, :, :1], v[:, :, :1])
+
+
+def test_compiled_decode_steps_match_the_eager_loop(root):
+    """rollout.compile: the decode steps through torch.compile give the eager loop's tokens and log-probs (the
+    compiled head sums in another order: fp32 rounding) and generate's greedy tokens, over calls that change what
+    the compiled graphs were built for (rows, padding): the guards skipped inside a loop are checked at its first
+    decode step."""
+    import pytest
+
+    from opd.config import ConfigError, tiny_cpu
+    from opd.preflight import check_compiler
+
+    try:
+        check_compiler(dataclasses.replace(tiny_cpu(), rollout=dataclasses.replace(tiny_cpu().rollout, compile=True)))
+    except ConfigError as e:
+        pytest.skip(str(e))
+    eager, tok = _engine(root)
+    eager.sampler = "torch"
+    compiled = HFEngine(eager.model, eos_id=eager.eos_id, pad_id=eager.pad_id, sampler="torch", compile=True)
+    generate = HFEngine(eager.model, eos_id=eager.eos_id, pad_id=eager.pad_id, sampler=None)
+    same_length = [tok(p).input_ids for p in ["07+45=", "99+99="]]
+    padded = same_length + [tok("1+2=").input_ids]
+    for prompts, samples in ((same_length, 1), (padded, 1), (same_length, 3), (same_length, 1)):
+        a = compiled.generate(prompts, num_samples=samples, temperature=0.9, max_new_tokens=12, seed=7)
+        b = eager.generate(prompts, num_samples=samples, temperature=0.9, max_new_tokens=12, seed=7)
+        assert a.responses() == b.responses()
+        assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5), (a.logprobs - b.logprobs).abs().max()
+        _check_sampled_logprobs(eager, a, 0.9)
+    for prompts in (same_length, padded):
+        greedy = compiled.generate(prompts, max_new_tokens=6, greedy=True)
+        reference = generate.generate(prompts, max_new_tokens=6, greedy=True)
+        assert greedy.responses() == reference.responses()
+        assert torch.allclose(greedy.logprobs, reference.logprobs, atol=1e-5)
+    assert compiled._own_head

@@ -13,7 +13,8 @@ import inspect
 import math
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from opd.batch import RolloutBatch
 from transport.weights import (ServingBuffer, WeightUpdate, attach_parameters, attach_serving, bind_to_buffer,
@@ -35,7 +36,7 @@ def resolve_sampler(name: str, device: torch.device) -> str | None:
 
 class HFEngine:
     def __init__(self, model: PreTrainedModel, *, eos_id: int, pad_id: int, sampler: str | None = None,
-                 valid_vocab: int | None = None):
+                 valid_vocab: int | None = None, compile: bool = False):
         self.model = model.eval()
         self.eos_id, self.pad_id = eos_id, pad_id
         # the decode loop samples from the first `valid_vocab` rows only (a head padded past the tokenizer: the
@@ -46,6 +47,9 @@ class HFEngine:
         self._few_rows = {m: functools.partial(_few_rows_linear, m) for m in self.model.modules()
                           if type(m) is torch.nn.Linear}
         self._own_head: bool | None = None  # whether `w @ h.T` is the model's own head (checked at first use)
+        # rollout.compile: the decode steps' decoder, and the head for a few rows, through torch.compile (CPU)
+        self._step = torch.compile(_decoder_step, dynamic=True) if compile else None
+        self._head = torch.compile(_head_rows, dynamic=False) if compile else None
         # transformers >= 5.2x names the KV cache `cache` (`past_key_values` before, deprecated since)
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._version = -1  # no weights published yet
@@ -134,31 +138,36 @@ class HFEngine:
             policy_version=self._version,
         ).check()
 
-    def _next_logits(self, input_ids, attention_mask, position_ids, cache):
-        """fp32 logits `[B, V]` of the last position, and the cache. The last position only: the prefill would
-        otherwise make `[B, prompt, V]` logits it never samples from. The output projection is the engine's own:
-        `w @ h.T` (on the CPU, MKL's path for `h @ w.T` with a few rows is ~4x slower at V = 32k: 8.6 vs 2.0 ms,
+    def _next_logits(self, input_ids, attention_mask, position_ids, cache, *, prefill: bool):
+        """fp32 logits `[B, V]` of the last position (the cache is updated in place). The last position only: the
+        prefill would otherwise make `[B, prompt, V]` logits it never samples from. The output projection is the
+        engine's own: `w @ h.T` (on the CPU, MKL's path for `h @ w.T` with a few rows is ~4x slower at V = 32k: 8.6 vs 2.0 ms,
         one thread, most of a decode step), or oneDNN's for long rows on the CPU (`cpu_project`). The first prefill
         checks it against the model's own head; a model that scales or caps its logits keeps its own forward."""
         key = self._cache_kw
         if self._own_head is False:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=True, logits_to_keep=1, **{key: cache})
-            return out.logits[:, -1].float(), getattr(out, key)
-        out = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                       use_cache=True, **{key: cache})
-        w, h = self.model.get_output_embeddings().weight, out.last_hidden_state[:, -1]
-        logits = (cpu_project(h, w, transposed_rows=h.shape[0]) if w.device.type == "cpu" else (w @ h.T).T).float()
-        if self._own_head is None and cache is None:
+            return out.logits[:, -1].float()
+        step = _decoder_step if prefill or self._step is None else self._step  # the prefill's width varies
+        h = step(self.model.get_decoder(), key, input_ids, attention_mask, position_ids, cache)
+        w = self.model.get_output_embeddings().weight
+        if w.device.type != "cpu":
+            logits = (w @ h.T).T.float()
+        elif self._head is not None and not prefill and h.shape[0] <= FEW_ROWS:
+            logits = self._head(w, h).float()
+        else:
+            logits = cpu_project(h, w, transposed_rows=h.shape[0]).float()
+        if self._own_head is None and prefill:
             theirs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 use_cache=False, logits_to_keep=1).logits[:, -1].float()
             scale = float(theirs.abs().max())
             if not math.isfinite(scale):  # non-finite logits (a broken model) decide nothing: ask again next time
-                return theirs, getattr(out, key)
+                return theirs
             self._own_head = torch.allclose(logits, theirs, rtol=1e-3, atol=1e-4 * scale)
             if not self._own_head:
-                return theirs, getattr(out, key)  # the same cache: only the head differs
-        return logits, getattr(out, key)
+                return theirs  # the same cache: only the head differs
+        return logits
 
     def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                 greedy: bool, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -172,10 +181,21 @@ class HFEngine:
         tokens, logprobs = [], []
         done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
         padded = not bool(attention_mask.all())  # no padding: no mask to build at every step
-        step_ids, step_pos, cache = input_ids, positions, None
-        with few_row_projections(self._few_rows) if self.model.device.type == "cpu" else contextlib.nullcontext():
-            for _ in range(max_new_tokens):
-                logits, cache = self._next_logits(step_ids, attention_mask if padded else None, step_pos, cache)
+        step_ids, step_pos = input_ids, positions
+        cache = preallocated_cache(self.model.config, input_ids.shape[1] + max_new_tokens)
+        if padded:  # the mask for every step at once; step s attends to the first width + s positions
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, max_new_tokens)], dim=1)
+        width = input_ids.shape[1]
+        with contextlib.ExitStack() as scope:
+            if self.model.device.type == "cpu":
+                scope.enter_context(few_row_projections(self._few_rows))
+            for step in range(max_new_tokens):
+                if step == 2 and self._step is not None:
+                    # the compiled graphs the first decode step chose serve the rest of this loop: only the context
+                    # length changes (a dynamic dimension), so their guards need not run again (~0.3 ms a step)
+                    scope.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
+                logits = self._next_logits(step_ids, attention_mask[:, :width + step] if padded else None, step_pos,
+                                           cache, prefill=step == 0)
                 if self.valid_vocab is not None and self.valid_vocab < logits.shape[1]:
                     logits[:, self.valid_vocab:] = float("-inf")
                 if ignore_eos:  # as generate's min_new_tokens: end-of-sequence cannot be sampled
@@ -195,8 +215,6 @@ class HFEngine:
                 done |= token == self.eos_id
                 if bool(done.all()):
                     break
-                if padded:
-                    attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
                 step_ids, step_pos = token[:, None], step_pos[:, -1:] + 1
         pad = max_new_tokens - len(tokens)
         ids = torch.nn.functional.pad(torch.stack(tokens, 1), (0, pad), value=self.pad_id)
@@ -224,7 +242,7 @@ def cpu_project(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
         return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
     if rows > transposed_rows:
         return torch.nn.functional.linear(x, w, bias)
-    y = (w @ x.T).T.contiguous()
+    y = torch.stack((w @ x.T).unbind(1))  # `[rows, out]`: a column at a time (a transposing copy: ~4x slower)
     return y if bias is None else y.add_(bias)
 
 
@@ -245,6 +263,60 @@ def few_row_projections(forwards: dict[torch.nn.Linear, functools.partial]):
     finally:
         for module in forwards:
             del module.forward
+
+
+def _decoder_step(decoder, cache_kw: str, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+    """The last position's hidden state `[B, d]`, the cache updated (rollout.compile compiles this for the decode
+    steps: dynamic shapes, so one graph serves every context length and batch size)."""
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                  **{cache_kw: cache})
+    return out.last_hidden_state[:, -1]
+
+
+def _head_rows(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """`h @ w.T` for a few rows `h [B, d]` written as a reduction over `d`, for torch.compile: the kernel inductor
+    makes reads each row of `w` once for all B rows, ~1.3 ms against MKL's 1.8 for the side-by-side student's
+    head (2 rows, 32768 x 256, one thread). Compiled alone: inside the decoder's graph it would fuse with the
+    final norm and recompute it for every row of `w`."""
+    return (w[:, None, :] * h[None]).sum(-1).T.contiguous()
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A full-attention layer's KV cache in buffers allocated once for `max_len` positions: each step writes its
+    keys and values in place and attention reads the filled prefix (views). transformers' DynamicLayer
+    concatenates, copying the whole cache at every decode step (~0.3 ms a step at 1k tokens for the side-by-side
+    student); its StaticLayer attends over all `max_len` positions under a mask, and expands grouped KV heads
+    over them. Made for one decode loop: no crop, reorder or batch selection."""
+
+    def __init__(self, max_len: int):
+        super().__init__()
+        self.max_len, self.filled = max_len, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        rows, heads, _, dim = key_states.shape
+        self._keys = key_states.new_empty(rows, heads, self.max_len, dim)
+        self._values = value_states.new_empty(rows, value_states.shape[1], self.max_len, value_states.shape[-1])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.filled, self.filled + key_states.shape[-2]
+        if end > self.max_len:
+            raise ValueError(f"the decode loop's KV cache holds {self.max_len} positions; {end} were written")
+        self._keys[:, :, start:end].copy_(key_states)
+        self._values[:, :, start:end].copy_(value_states)
+        self.filled = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+
+def preallocated_cache(config, max_len: int) -> DynamicCache:
+    """transformers' DynamicCache for `config`, its full-attention layers `PreallocatedLayer`s of `max_len`
+    positions (sliding-window and other layer kinds keep transformers' own)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [PreallocatedLayer(max_len) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 def filter_probs(probs: torch.Tensor, *, top_k: int, top_p: float) -> torch.Tensor:
