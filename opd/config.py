@@ -105,8 +105,8 @@ class RolloutConfig:
         _require(self.engine in ENGINES, f"rollout.engine={self.engine!r} is unknown: use one of {ENGINES}")
         _require(self.sampler in SAMPLERS, f"rollout.sampler={self.sampler!r} is unknown: use one of {SAMPLERS}")
         _require(not self.compile or (self.engine == "hf" and self.sampler != "generate"),
-                 f"rollout.compile=true compiles the hf engine's decode loop: use rollout.engine=hf with rollout.sampler "
-                 f"auto or torch (not engine={self.engine}, sampler={self.sampler})")
+                 f"rollout.compile=true compiles the hf engine's decode loop: use rollout.engine=hf with "
+                 f"rollout.sampler auto or torch (not engine={self.engine}, sampler={self.sampler})")
         _require(0 < self.mem_fraction < 1, f"rollout.mem_fraction={self.mem_fraction} must be in (0, 1)")
         _require(self.num_samples > 0, f"rollout.num_samples={self.num_samples} must be > 0")
         _require(self.temperature > 0, f"rollout.temperature={self.temperature} must be > 0")

@@ -141,9 +141,10 @@ class HFEngine:
     def _next_logits(self, input_ids, attention_mask, position_ids, cache, *, prefill: bool):
         """fp32 logits `[B, V]` of the last position (the cache is updated in place). The last position only: the
         prefill would otherwise make `[B, prompt, V]` logits it never samples from. The output projection is the
-        engine's own: `w @ h.T` (on the CPU, MKL's path for `h @ w.T` with a few rows is ~4x slower at V = 32k: 8.6 vs 2.0 ms,
-        one thread, most of a decode step), or oneDNN's for long rows on the CPU (`cpu_project`). The first prefill
-        checks it against the model's own head; a model that scales or caps its logits keeps its own forward."""
+        engine's own: `w @ h.T` (on the CPU, MKL's path for `h @ w.T` with a few rows is ~4x slower at V = 32k:
+        8.6 vs 2.0 ms, one thread, most of a decode step), oneDNN's for long rows on the CPU (`cpu_project`), or
+        rollout.compile's `_head_rows`. The first prefill checks the eager one against the model's own head; a
+        model that scales or caps its logits keeps its own forward."""
         key = self._cache_kw
         if self._own_head is False:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -154,7 +155,7 @@ class HFEngine:
         w = self.model.get_output_embeddings().weight
         if w.device.type != "cpu":
             logits = (w @ h.T).T.float()
-        elif self._head is not None and not prefill and h.shape[0] <= FEW_ROWS:
+        elif self._head is not None and not prefill and h.shape[0] <= FEW_ROWS and h.shape[1] < ONEDNN_MIN_INPUTS:
             logits = self._head(w, h).float()
         else:
             logits = cpu_project(h, w, transposed_rows=h.shape[0]).float()
@@ -239,11 +240,23 @@ def cpu_project(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
     reaches ~15 GFLOP/s with 4 rows, oneDNN twice that."""
     rows, inputs = x.shape
     if _ONEDNN and inputs >= ONEDNN_MIN_INPUTS and rows <= ONEDNN_MAX_ROWS and x.dtype == torch.float32:
-        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+        return onednn_linear(x, w, bias)
     if rows > transposed_rows:
         return torch.nn.functional.linear(x, w, bias)
     y = torch.stack((w @ x.T).unbind(1))  # `[rows, out]`: a column at a time (a transposing copy: ~4x slower)
     return y if bias is None else y.add_(bias)
+
+
+@torch.library.custom_op("opd::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's linear on an unpacked weight, as an operator torch.compile calls rather than lowers (inductor's
+    lowering of `mkldnn._linear_pointwise` expects a weight it packed itself)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x, w, bias):
+    return x.new_empty(x.shape[0], w.shape[0])
 
 
 def _few_rows_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -275,9 +288,10 @@ def _decoder_step(decoder, cache_kw: str, input_ids, attention_mask, position_id
 
 def _head_rows(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """`h @ w.T` for a few rows `h [B, d]` written as a reduction over `d`, for torch.compile: the kernel inductor
-    makes reads each row of `w` once for all B rows, ~1.3 ms against MKL's 1.8 for the side-by-side student's
-    head (2 rows, 32768 x 256, one thread). Compiled alone: inside the decoder's graph it would fuse with the
-    final norm and recompute it for every row of `w`."""
+    makes reads each row of `w` once for all B rows. One thread, 32768 rows: 1.3 ms against `w @ h.T`'s 1.8 at
+    d = 256 with 2 rows (the side-by-side student), 11 vs 17 ms at 1024 with 4, level at 576; at 2048 oneDNN's
+    linear is faster (21 vs 30 ms), so the loop uses it below ONEDNN_MIN_INPUTS only. Compiled alone: inside the
+    decoder's graph it would fuse with the final norm and recompute it for every row of `w`."""
     return (w[:, None, :] * h[None]).sum(-1).T.contiguous()
 
 
