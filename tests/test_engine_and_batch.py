@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 
+import pytest
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
@@ -90,10 +91,10 @@ def test_decode_loop_matches_generate(root):
 
 
 def greedy_equals_generate(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
-                           atol: float = 1e-4):
+                           atol: float = 1e-4, compile: bool = False):
     """The decode loop's greedy tokens and finish reasons equal transformers' generate on `model`, and its
     log-probs within `atol` (the output projection is summed in another order: fp32 rounding)."""
-    engine = HFEngine(model, eos_id=eos_id, pad_id=pad_id, sampler=None)
+    engine = HFEngine(model, eos_id=eos_id, pad_id=pad_id, sampler=None, compile=compile)
     reference = engine.generate(prompts, max_new_tokens=max_new_tokens, greedy=True)
     engine.sampler = "torch"
     greedy = engine.generate(prompts, max_new_tokens=max_new_tokens, greedy=True)
@@ -103,9 +104,13 @@ def greedy_equals_generate(model, prompts: list[list[int]], *, eos_id: int, pad_
     return greedy
 
 
-def test_decode_loop_matches_generate_on_a_random_qwen3(tmp_path):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_decode_loop_matches_generate_on_a_random_qwen3(tmp_path, compile):
     """Qwen3-1.7B's widths (2048 hidden, 16 heads of 128, qk-norm) cut to one layer and 8192 output rows, random
-    weights; prompts of different lengths (left padding) for 12 tokens."""
+    weights; prompts of different lengths (left padding) for 12 tokens. Compiled (rollout.compile): the
+    projections' oneDNN operator inside inductor's graph."""
+    if compile:
+        _skip_without_a_compiler()
     from transformers import AutoModelForCausalLM
 
     from opd.shapes import shape_config, write_model_folder
@@ -115,7 +120,7 @@ def test_decode_loop_matches_generate_on_a_random_qwen3(tmp_path):
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
     prompts = torch.randint(3, 8192, (3, 9), generator=torch.Generator().manual_seed(1)).tolist()
     greedy = greedy_equals_generate(model, [prompts[0], prompts[1][:4], prompts[2][:7]], eos_id=1, pad_id=0,
-                                    max_new_tokens=12)
+                                    max_new_tokens=12, compile=compile)
     assert len(set(greedy.response_ids.tolist())) > 3  # the responses are not one repeated token
 
 
@@ -187,7 +192,6 @@ def test_decode_projections_equal_linear_and_are_removed_after():
 def test_preallocated_cache_layer_equals_transformers_dynamic_layer():
     """The decode loop's KV cache layer returns what transformers' DynamicLayer returns after every update
     (prefill, then single positions and a block), and refuses to write past its buffers."""
-    import pytest
     from transformers.cache_utils import DynamicLayer
 
     from actors.engines.hf import PreallocatedLayer
@@ -204,13 +208,7 @@ def test_preallocated_cache_layer_equals_transformers_dynamic_layer():
         ours.update(k[:, :, :1], v[:, :, :1])
 
 
-def test_compiled_decode_steps_match_the_eager_loop(root):
-    """rollout.compile: the decode steps through torch.compile give the eager loop's tokens and log-probs (the
-    compiled head sums in another order: fp32 rounding) and generate's greedy tokens, over calls that change what
-    the compiled graphs were built for (rows, padding): the guards skipped inside a loop are checked at its first
-    decode step."""
-    import pytest
-
+def _skip_without_a_compiler():
     from opd.config import ConfigError, tiny_cpu
     from opd.preflight import check_compiler
 
@@ -218,6 +216,14 @@ def test_compiled_decode_steps_match_the_eager_loop(root):
         check_compiler(dataclasses.replace(tiny_cpu(), rollout=dataclasses.replace(tiny_cpu().rollout, compile=True)))
     except ConfigError as e:
         pytest.skip(str(e))
+
+
+def test_compiled_decode_steps_match_the_eager_loop(root):
+    """rollout.compile: the decode steps through torch.compile give the eager loop's tokens and log-probs (the
+    compiled head sums in another order: fp32 rounding) and generate's greedy tokens, over calls that change what
+    the compiled graphs were built for (rows, padding): the guards skipped inside a loop are checked at its first
+    decode step."""
+    _skip_without_a_compiler()
     eager, tok = _engine(root)
     eager.sampler = "torch"
     compiled = HFEngine(eager.model, eos_id=eager.eos_id, pad_id=eager.pad_id, sampler="torch", compile=True)
