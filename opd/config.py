@@ -87,8 +87,8 @@ class RolloutConfig:
     # FlashInfer when installed on a GPU, else torch); generate: transformers' `generate`, the reference
     sampler: str = "auto"
     # hf engine on the CPU (run.mode=cpu): the decode steps through torch.compile (the decoder, and the output head
-    # for up to 4 rows). Needs a C++ compiler; compiles once per process and batch shape (~15-40 s on 2 cores),
-    # then ~30 % off a decode step: for long rollouts (benchmarks, the side by side), not for short ones.
+    # for up to 4 rows). Needs a C++ compiler; compiles once per process (~10-30 s here; dynamic in the context
+    # length and batch), then ~30 % off a decode step: for long rollouts (benchmarks, the side by side).
     compile: bool = False
     mem_fraction: float = 0.4  # sglang: GPU memory fraction for its weights and KV cache (mem_fraction_static)
     # The fraction of each step's prompts the student answers (1: on-policy distillation). The others are answered
