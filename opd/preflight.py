@@ -170,12 +170,13 @@ def check_compiler(cfg: Config) -> None:
     if not cfg.rollout.compile:
         return
     from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
 
     try:
         get_cpp_compiler()
-    except Exception as e:  # inductor's InvalidCxxCompiler, or a broken $CXX
-        raise ConfigError(f"rollout.compile=true needs a C++ compiler for torch.compile's CPU kernels and none "
-                          f"was found ({type(e).__name__}): install g++ (or set CXX), or set rollout.compile=false")
+    except InvalidCxxCompiler:
+        raise ConfigError("rollout.compile=true needs a C++ compiler for torch.compile's CPU kernels and none was "
+                          "found: install g++ (or set CXX), or set rollout.compile=false") from None
 
 
 def check_memory(cfg: Config, prompts: PromptSet) -> None:

@@ -118,7 +118,7 @@ def test_malformed_dataset_line_stops_before_ray(root, tmp_path):
     assert "prompts.jsonl:3" in line, line
 
 
-def test_rollout_compile_is_the_cpu_decode_loops(monkeypatch):
+def test_rollout_compile_is_the_cpu_decode_loops():
     """rollout.compile: refused with another sampler or engine, outside cpu mode, and (preflight, before Ray)
     without a C++ compiler for inductor's CPU kernels."""
     import torch._inductor.config
@@ -130,7 +130,9 @@ def test_rollout_compile_is_the_cpu_decode_loops(monkeypatch):
         override(cfg, "rollout.sampler=generate")
     with pytest.raises(ConfigError, match="use it with run.mode=cpu"):
         override(cfg, "run.mode=colocated")
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/no/such/c++"))
-    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler .* or set rollout.compile=false"):
-        check_compiler(cfg)
+    # inductor's own patching (monkeypatch's undo deletes the setting from inductor's config module)
+    with torch._inductor.config.patch({"cpp.cxx": (None, "/no/such/c++")}):
+        with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler .* or set rollout.compile=false"):
+            check_compiler(cfg)
+    check_compiler(cfg)  # the compiler found again
     check_compiler(tiny_cpu())  # off: nothing to check
