@@ -221,8 +221,8 @@ def _skip_without_a_compiler():
 def test_compiled_decode_steps_match_the_eager_loop(root):
     """rollout.compile: the decode steps through torch.compile give the eager loop's tokens and log-probs (the
     compiled head sums in another order: fp32 rounding) and generate's greedy tokens, over calls that change what
-    the compiled graphs were built for (rows, padding): the guards skipped inside a loop are checked at its first
-    decode step."""
+    the compiled graphs were built for (rows, padding, a context as long as another size of the graph: the
+    heads' width): the guards skipped inside a loop are checked at its first decode step."""
     _skip_without_a_compiler()
     eager, tok = _engine(root)
     eager.sampler = "torch"
@@ -230,7 +230,10 @@ def test_compiled_decode_steps_match_the_eager_loop(root):
     generate = HFEngine(eager.model, eos_id=eager.eos_id, pad_id=eager.pad_id, sampler=None)
     same_length = [tok(p).input_ids for p in ["07+45=", "99+99="]]
     padded = same_length + [tok("1+2=").input_ids]
-    for prompts, samples in ((same_length, 1), (padded, 1), (same_length, 3), (same_length, 1)):
+    head_dim = compiled.model.config.head_dim  # a context of head_dim tokens at the first decode step
+    as_wide_as_a_head = [(ids * head_dim)[:head_dim] for ids in same_length]
+    for prompts, samples in ((as_wide_as_a_head, 1), (same_length, 1), (padded, 1), (same_length, 3),
+                             (same_length, 1)):
         a = compiled.generate(prompts, num_samples=samples, temperature=0.9, max_new_tokens=12, seed=7)
         b = eager.generate(prompts, num_samples=samples, temperature=0.9, max_new_tokens=12, seed=7)
         assert a.responses() == b.responses()

@@ -13,6 +13,7 @@ import inspect
 import math
 
 import torch
+import torch.fx.experimental._config as fx_config
 from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
@@ -190,6 +191,10 @@ class HFEngine:
         with contextlib.ExitStack() as scope:
             if self.model.device.type == "cpu":
                 scope.enter_context(few_row_projections(self._few_rows))
+            if self._step is not None:
+                # no duck sizing: a context length that equals another size at the first decode step (a 64-token
+                # prompt and head_dim 64) would share its symbol, and the next step recompile
+                scope.enter_context(fx_config.patch(use_duck_shape=False))
             for step in range(max_new_tokens):
                 if step == 2 and self._step is not None:
                     # the compiled graphs the first decode step chose serve the rest of this loop: only the context
