@@ -165,10 +165,12 @@ def test_concat_refuses_shards_of_different_versions():
 
 
 def test_decode_projections_equal_linear_and_are_removed_after():
-    """The CPU decode loop's projections (`w @ x.T` for a few short rows, oneDNN's linear for long ones, else
-    `x @ w.T`) equal nn.Linear computed in float64, bias included, on both sides of every threshold; the class's
-    forward is back afterwards."""
-    from actors.engines.hf import FEW_ROWS, ONEDNN_MAX_ROWS, ONEDNN_MIN_INPUTS, _few_rows_linear, few_row_projections
+    """The CPU decode loop's projections equal nn.Linear computed in float64, bias included, on every path each
+    shape may take (the fixed rule's and every candidate the tuning may pick: MKL's `x @ w.T`, `w @ x.T` by
+    columns, oneDNN's linear), on both sides of every threshold; modules take the path the engine's table holds
+    for their shape, and the class's forward is back afterwards."""
+    from actors.engines.hf import (FEW_ROWS, ONEDNN_MAX_ROWS, ONEDNN_MIN_INPUTS, _few_rows_linear, candidate_paths,
+                                   cpu_project, few_row_projections)
 
     torch.manual_seed(0)
     for inputs in (24, ONEDNN_MIN_INPUTS + 8):
@@ -177,16 +179,75 @@ def test_decode_projections_equal_linear_and_are_removed_after():
             torch.nn.init.normal_(m.weight)
             if m.bias is not None:
                 torch.nn.init.normal_(m.bias)
-        forwards = {m: functools.partial(_few_rows_linear, m) for m in layers}
         for rows in (1, FEW_ROWS, FEW_ROWS + 1, ONEDNN_MAX_ROWS, ONEDNN_MAX_ROWS + 1):
             x = torch.randn(rows, 1, inputs)
-            with few_row_projections(forwards):
-                got = [m(x) for m in layers]
-            for g, m in zip(got, layers, strict=True):
-                want = torch.nn.functional.linear(x.double(), m.weight.double(),
-                                                  None if m.bias is None else m.bias.double())
-                assert g.shape == (rows, 1, 40) and torch.allclose(g.double(), want, rtol=0, atol=1e-5 * inputs ** 0.5)
+            wants = [torch.nn.functional.linear(x.double(), m.weight.double(),
+                                                None if m.bias is None else m.bias.double()) for m in layers]
+            for path in [None, *candidate_paths(rows, torch.float32, head=True)]:
+                paths = {} if path is None else {(rows, 40, inputs, m.bias is not None): path for m in layers}
+                forwards = {m: functools.partial(_few_rows_linear, m, paths) for m in layers}
+                with few_row_projections(forwards):
+                    got = [m(x) for m in layers]
+                for g, m, want in zip(got, layers, wants, strict=True):
+                    assert g.shape == (rows, 1, 40)
+                    assert torch.allclose(g.double(), want, rtol=0, atol=1e-5 * inputs ** 0.5), (path, rows, inputs)
+                    if path is not None:  # the path taken is the one asked for: bit-equal to it called directly
+                        assert torch.equal(g[:, 0], cpu_project(x[:, 0], m.weight, m.bias, path=path))
         assert all("forward" not in vars(m) for m in layers)
+
+
+def test_tuning_keeps_the_fixed_rule_unless_another_path_is_clearly_faster():
+    """`pick_path`: the fastest path only when it beats the fixed rule's by more than the margin. `time_paths`
+    times every path the same number of times (a warm-up, then interleaved repeats)."""
+    from actors.engines.hf import TUNE_MARGIN, pick_path, time_paths
+
+    assert pick_path({"linear": 1.0, "columns": 2.0}, "columns") == "linear"
+    assert pick_path({"linear": 1.0, "columns": 1.0 + TUNE_MARGIN / 2}, "columns") == "columns"  # noise: the rule
+    assert pick_path({"linear": 3.0, "columns": 2.0, "onednn": 1.0}, "linear") == "onednn"
+    calls = []
+    times = time_paths(calls.append, ["a", "b"], repeats=3, evict=torch.ones(8))
+    assert sorted(times) == ["a", "b"] and all(t >= 0 for t in times.values())
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+
+
+def test_engine_tunes_the_shapes_worth_it_and_uses_what_it_picked(monkeypatch):
+    """The engine times the paths of every projection shape of at least TUNE_MIN_BYTES and of the head, once per
+    row count, and the decode loop then runs each shape on the path picked (here: the timings are fabricated, so
+    the pick is known); smaller weights keep the fixed rule untimed."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    import actors.engines.hf as hf
+
+    config = Qwen3Config(vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    timed = []
+
+    def fabricated(run, paths, **kwargs):
+        timed.append(paths)
+        return {p: (0.1 if p == "onednn" else 1.0) for p in paths}  # oneDNN always clearly faster
+
+    monkeypatch.setattr(hf, "time_paths", fabricated)
+    engine = HFEngine(model, eos_id=1, pad_id=0, sampler="torch")
+    used = []
+    original = hf.cpu_project
+
+    def recording(x, w, bias=None, *, path=None):
+        if x.shape[0] == 2:  # the decode steps' rows (the prefill's projections have 6: the rule)
+            used.append((tuple(w.shape), path))
+        return original(x, w, bias, path=path)
+
+    monkeypatch.setattr(hf, "cpu_project", recording)
+    engine.generate([[5, 6, 7], [8, 9, 10]], max_new_tokens=3, greedy=True)
+    used.clear()  # the first call also ran the model's own head once (its check against the engine's)
+    engine.generate([[5, 6, 7], [8, 9, 10]], max_new_tokens=3, greedy=True)  # tuned already: not timed again
+    # 128 x 512 (gate, up) and 512 x 128 (down): 256 KiB each, timed; 128 x 128 (q, o; 64 KiB), 64 x 128 (k, v)
+    # keep the rule; the head (2048 x 128, 1 MiB) timed
+    assert len(timed) == 3
+    big = {(512, 128), (128, 512), (2048, 128)}
+    assert {p for shape, p in used if shape in big} == {"onednn"}
+    assert all(p is None for shape, p in used if shape not in big) and any(shape == (128, 128) for shape, _ in used)
 
 
 def test_preallocated_cache_layer_equals_transformers_dynamic_layer():
@@ -245,3 +306,29 @@ def test_compiled_decode_steps_match_the_eager_loop(root):
         assert greedy.responses() == reference.responses()
         assert torch.allclose(greedy.logprobs, reference.logprobs, atol=1e-5)
     assert compiled._own_head
+
+
+def test_grouped_query_attention_for_one_position_equals_repeated_heads():
+    """rollout.compile's attention (`gqa_sdpa_attention`): one query position over grouped KV heads, with a
+    padding mask, equals attention written out in float64 over keys and values repeated for every query head;
+    several positions take transformers' own sdpa attention unchanged."""
+    import types
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from actors.engines.hf import gqa_sdpa_attention
+
+    g = torch.Generator().manual_seed(0)
+    module = types.SimpleNamespace(num_key_value_groups=3, training=False, is_causal=True)
+    q, k, v = (torch.randn(2, heads, n, 16, generator=g) for heads, n in ((6, 1), (2, 9), (2, 9)))
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    mask[1, ..., :4] = False  # the second row's first four positions are padding
+    out, _ = gqa_sdpa_attention(module, q, k, v, mask, scaling=0.25)
+    kr, vr = (t.double().repeat_interleave(3, dim=1) for t in (k, v))
+    scores = (q.double() @ kr.transpose(-1, -2) * 0.25).masked_fill(~mask, float("-inf"))
+    want = (scores.softmax(-1) @ vr).transpose(1, 2)
+    assert out.shape == (2, 1, 6, 16) and torch.allclose(out.double(), want, atol=1e-6)
+    q3 = torch.randn(2, 6, 3, 16, generator=g)
+    mask3 = torch.ones(2, 1, 3, 9, dtype=torch.bool).tril(6)
+    assert torch.equal(gqa_sdpa_attention(module, q3, k, v, mask3, scaling=0.25)[0],
+                       sdpa_attention_forward(module, q3, k, v, mask3, scaling=0.25)[0])

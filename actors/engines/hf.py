@@ -10,16 +10,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 import math
+import statistics
+import time
 
 import torch
 import torch.fx.experimental._config as fx_config
-from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig, PreTrainedModel
+from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache, GenerationConfig, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from opd.batch import RolloutBatch
 from transport.weights import (ServingBuffer, WeightUpdate, attach_parameters, attach_serving, bind_to_buffer,
                                broadcast_buckets)
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_sampler(name: str, device: torch.device) -> str | None:
@@ -44,8 +51,13 @@ class HFEngine:
         # teacher, whose samples the student trains on with rollout.student_fraction < 1)
         self.valid_vocab = valid_vocab
         self.sampler = sampler  # None: transformers' generate; "torch" | "flashinfer": the decode loop below
-        # the CPU decode loop's projections (see `cpu_project`)
-        self._few_rows = {m: functools.partial(_few_rows_linear, m) for m in self.model.modules()
+        # the CPU decode loop's projections (see `cpu_project`), by the path timed fastest for each shape on this
+        # machine (`_tune_cpu_paths`: `(rows, out, in, bias)` -> path; the head: rows -> path, "reduction" the
+        # compiled `_head_rows`)
+        self._paths: dict[tuple[int, int, int, bool], str] = {}
+        self._head_paths: dict[int, str] = {}  # -rows: the prefill's (eager) path
+        self._tuned_rows: set[int] = set()
+        self._few_rows = {m: functools.partial(_few_rows_linear, m, self._paths) for m in self.model.modules()
                           if type(m) is torch.nn.Linear}
         self._own_head: bool | None = None  # whether `w @ h.T` is the model's own head (checked at first use)
         # rollout.compile: the decode steps' decoder, and the head for a few rows, through torch.compile (CPU)
@@ -143,7 +155,8 @@ class HFEngine:
         """fp32 logits `[B, V]` of the last position (the cache is updated in place). The last position only: the
         prefill would otherwise make `[B, prompt, V]` logits it never samples from. The output projection is the
         engine's own: `w @ h.T` (on the CPU, MKL's path for `h @ w.T` with a few rows is ~4x slower at V = 32k:
-        8.6 vs 2.0 ms, one thread, most of a decode step), oneDNN's for long rows on the CPU (`cpu_project`), or
+        8.6 vs 2.0 ms, one thread, most of a decode step; on another 1.2 vs 2.1: `_tune_cpu_paths`), oneDNN's for
+        long rows on the CPU (`cpu_project`), or
         rollout.compile's `_head_rows`. The first prefill checks the eager one against the model's own head; a
         model that scales or caps its logits keeps its own forward."""
         key = self._cache_kw
@@ -156,10 +169,14 @@ class HFEngine:
         w = self.model.get_output_embeddings().weight
         if w.device.type != "cpu":
             logits = (w @ h.T).T.float()
-        elif self._head is not None and not prefill and h.shape[0] <= FEW_ROWS and h.shape[1] < ONEDNN_MIN_INPUTS:
-            logits = self._head(w, h).float()
         else:
-            logits = cpu_project(h, w, transposed_rows=h.shape[0]).float()
+            path = self._head_paths.get(h.shape[0])
+            if path == "reduction" and prefill:
+                path = self._head_paths.get(-h.shape[0])  # the fastest eager path: the prefill is not compiled
+            if path == "reduction":
+                logits = self._head(w, h).float()
+            else:
+                logits = cpu_project(h, w, path=path or fixed_path(*h.shape, h.dtype, head=True)).float()
         if self._own_head is None and prefill:
             theirs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 use_cache=False, logits_to_keep=1).logits[:, -1].float()
@@ -190,7 +207,10 @@ class HFEngine:
         width = input_ids.shape[1]
         with contextlib.ExitStack() as scope:
             if self.model.device.type == "cpu":
+                self._tune_cpu_paths(rows)
                 scope.enter_context(few_row_projections(self._few_rows))
+            if self._step is not None and self.model.device.type == "cpu":
+                scope.enter_context(attention_implementation(self.model, "sdpa", GQA_SDPA))
             if self._step is not None:
                 # no duck sizing: a context length that equals another size at the first decode step (a 64-token
                 # prompt and head_dim 64) would share its symbol, and the next step recompile
@@ -227,29 +247,113 @@ class HFEngine:
         return ids.cpu(), torch.nn.functional.pad(torch.stack(logprobs, 1), (0, pad)).cpu()
 
 
-# A decode step's projections have one row per sequence. On one CPU thread (side-by-side student, SmolLM2's and
-# Qwen3-1.7B's widths; 1-64 rows) the fastest of torch's matmuls depends on the shape: oneDNN's linear for long
-# rows (1.5-2.2x MKL's at 2048-6144 inputs; level with it at 576-1536), `w @ x.T` for short ones with up to
-# FEW_ROWS rows, else the usual `x @ w.T`.
+    @torch.no_grad()
+    def _tune_cpu_paths(self, rows: int) -> None:
+        """Time `cpu_project`'s paths for every projection shape of `rows` rows whose weight has at least
+        TUNE_MIN_BYTES (a few of the modules of each shape, weights from memory) and for the head (also
+        rollout.compile's `_head_rows`, "reduction", for up to FEW_ROWS rows); keep the fastest for this engine's
+        life. Once per row count: a few seconds at most (the side-by-side student: ~0.5 s)."""
+        if rows in self._tuned_rows:
+            return
+        self._tuned_rows.add(rows)
+        head = self.model.get_output_embeddings()
+        groups: dict[tuple[int, int, int, bool], list[torch.nn.Linear]] = {}
+        for m in self._few_rows:
+            w = m.weight
+            if m is not head and w.device.type == "cpu" and w.numel() * w.element_size() >= TUNE_MIN_BYTES:
+                groups.setdefault((rows, w.shape[0], w.shape[1], m.bias is not None), []).append(m)
+        evict = torch.ones(1 << 24)  # 64 MiB, more than the caches hold
+        g = torch.Generator().manual_seed(0)
+        chosen = {}
+        for key, modules in groups.items():
+            w = modules[0].weight
+            x = torch.randn(rows, w.shape[1], generator=g).to(w.dtype)
+            some = modules[:4]
+            times = time_paths(lambda path: [cpu_project(x, m.weight, m.bias, path=path) for m in some],
+                               candidate_paths(rows, w.dtype), evict=evict)
+            self._paths[key] = chosen[key[1:3]] = pick_path(times, fixed_path(rows, w.shape[1], w.dtype))
+        w = head.weight
+        if w.numel() * w.element_size() < TUNE_MIN_BYTES:
+            return
+        h = torch.randn(rows, w.shape[1], generator=g).to(w.dtype)
+        times = time_paths(lambda path: cpu_project(h, w, path=path), candidate_paths(rows, w.dtype, head=True),
+                           evict=evict)
+        eager = pick_path(times, fixed_path(rows, w.shape[1], w.dtype, head=True))
+        self._head_paths[rows] = self._head_paths[-rows] = eager
+        if self._head is not None and rows <= FEW_ROWS:
+            times = {eager: times[eager], **time_paths(lambda path: self._head(w, h), ["reduction"], evict=evict)}
+            self._head_paths[rows] = pick_path(times, eager)
+        logger.info("CPU decode paths for %d rows: head %s (prefill %s); %s", rows, self._head_paths[rows], eager,
+                    ", ".join(f"{o}x{i} {p}" for (o, i), p in chosen.items()))
+
+
+# A decode step's projections have one row per sequence, and which of torch's matmuls is fastest for such a shape
+# differs between CPUs. One thread, the side-by-side student's head (2 rows, 256 -> 32768): MKL's `x @ w.T` 8.6 ms
+# and `w @ x.T` 2.0 on one of this project's machines, 1.2 and 2.1 on another; its 14 layer projections 1.1 vs
+# 0.46 ms on the first (MKL's 2-row path reads weights the head has pushed out of the caches at ~5 GB/s), 0.30 vs
+# 0.58 on the second. So the engine times the candidates once per shape on the machine it runs on
+# (`HFEngine._tune_cpu_paths`) and keeps the fastest; weights under TUNE_MIN_BYTES (the toy models: timing noise,
+# nothing to gain) take the fixed rule `fixed_path`, the first machine's choice.
 FEW_ROWS = 4
 ONEDNN_MIN_INPUTS, ONEDNN_MAX_ROWS = 2048, 64
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+TUNE_MIN_BYTES = 128 * 1024
+TUNE_MARGIN = 0.1  # another path replaces the fixed rule's only if it is this much faster (noise keeps the rule)
+TUNE_REPEATS = 5
+
+
+def fixed_path(rows: int, inputs: int, dtype: torch.dtype, *, head: bool = False) -> str:
+    """The fixed rule: oneDNN's linear for long rows (1.5-2.2x MKL's at 2048-6144 inputs on the first machine;
+    level at 576-1536), `w @ x.T` by columns for up to FEW_ROWS short rows (any number for the head), else
+    MKL's `x @ w.T`."""
+    if _ONEDNN and inputs >= ONEDNN_MIN_INPUTS and rows <= ONEDNN_MAX_ROWS and dtype == torch.float32:
+        return "onednn"
+    return "columns" if head or rows <= FEW_ROWS else "linear"
+
+
+def candidate_paths(rows: int, dtype: torch.dtype, *, head: bool = False) -> list[str]:
+    paths = ["linear"]
+    if head or rows <= FEW_ROWS:
+        paths.append("columns")
+    if _ONEDNN and rows <= ONEDNN_MAX_ROWS and dtype == torch.float32:
+        paths.append("onednn")
+    return paths
 
 
 def cpu_project(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-                transposed_rows: int = FEW_ROWS) -> torch.Tensor:
-    """`x @ w.T + bias` for `x [rows, in]` on the CPU, by the matmul that is fastest for the shape (measured above;
-    a fixed rule, so the same shapes always take the same path and sampling stays reproducible). MKL's `x @ w.T`
-    with two rows reads weights the output head has just pushed out of the caches at a quarter of the bandwidth
-    (the side-by-side student's 14 projections: 1.1 ms a decode step, 0.46 ms as `w @ x.T`); at 2048 inputs it
-    reaches ~15 GFLOP/s with 4 rows, oneDNN twice that."""
-    rows, inputs = x.shape
-    if _ONEDNN and inputs >= ONEDNN_MIN_INPUTS and rows <= ONEDNN_MAX_ROWS and x.dtype == torch.float32:
+                path: str | None = None) -> torch.Tensor:
+    """`x @ w.T + bias` for `x [rows, in]` on the CPU by `path`: "linear" (MKL's `x @ w.T`), "columns" (`w @ x.T`,
+    a column at a time), "onednn" (oneDNN's linear); None: `fixed_path`."""
+    path = path or fixed_path(*x.shape, x.dtype)
+    if path == "onednn":
         return onednn_linear(x, w, bias)
-    if rows > transposed_rows:
+    if path == "linear":
         return torch.nn.functional.linear(x, w, bias)
     y = torch.stack((w @ x.T).unbind(1))  # `[rows, out]`: a column at a time (a transposing copy: ~4x slower)
     return y if bias is None else y.add_(bias)
+
+
+def time_paths(run, paths: list[str], *, repeats: int = TUNE_REPEATS, evict: torch.Tensor | None = None
+               ) -> dict[str, float]:
+    """The median seconds of `run(path)` for each path, the paths interleaved, each run after reading `evict`
+    (so the weights come from memory, as in the loop, where the head pushes them out of the caches)."""
+    for path in paths:  # warm up (oneDNN builds its primitive, MKL its buffers)
+        run(path)
+    times: dict[str, list[float]] = {path: [] for path in paths}
+    for _ in range(repeats):
+        for path in paths:
+            if evict is not None:
+                evict.sum()
+            start = time.perf_counter()
+            run(path)
+            times[path].append(time.perf_counter() - start)
+    return {path: statistics.median(t) for path, t in times.items()}
+
+
+def pick_path(times: dict[str, float], default: str, *, margin: float = TUNE_MARGIN) -> str:
+    """The fastest path, if it beats `default` by more than `margin`; else `default`."""
+    fastest = min(times, key=times.__getitem__)
+    return fastest if times[fastest] < (1.0 - margin) * times[default] else default
 
 
 @torch.library.custom_op("opd::onednn_linear", mutates_args=())
@@ -264,9 +368,14 @@ def _(x, w, bias):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
-def _few_rows_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)` by `cpu_project` (any leading dimensions)."""
-    y = cpu_project(x.reshape(-1, x.shape[-1]), module.weight, module.bias)
+def _few_rows_linear(module: torch.nn.Linear, paths: dict[tuple[int, int, int, bool], str],
+                     x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` by `cpu_project` (any leading dimensions), on the path `paths` holds for the shape (else the
+    fixed rule)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    w = module.weight
+    path = paths.get((x2.shape[0], w.shape[0], w.shape[1], module.bias is not None))
+    y = cpu_project(x2, w, module.bias, path=path)
     return y.view(*x.shape[:-1], -1)
 
 
@@ -281,6 +390,39 @@ def few_row_projections(forwards: dict[torch.nn.Linear, functools.partial]):
     finally:
         for module in forwards:
             del module.forward
+
+
+def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' "sdpa" attention, except that a single query position attends to grouped KV heads where they
+    are (SDPA's `enable_gqa`). Under torch.compile transformers repeats the cache's keys and values for every query
+    head instead (its copy-free path for one query is eager-only): a copy of the whole cache per layer and decode
+    step, 0.6 of 3.2 ms a token for the side-by-side student at 1k tokens. rollout.compile's loop on the CPU."""
+    if (query.shape[2] != 1 or getattr(module, "num_key_value_groups", 1) == 1 or module.training
+            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                                           enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+GQA_SDPA = "opd_gqa_sdpa"
+AttentionInterface.register(GQA_SDPA, gqa_sdpa_attention)
+AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)  # sdpa's masks
+
+
+@contextlib.contextmanager
+def attention_implementation(model: PreTrainedModel, replaces: str, name: str):
+    """For the duration, `model` attends by the registered `name` where its configuration says `replaces`."""
+    before = model.config._attn_implementation
+    if before != replaces:
+        yield
+        return
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = before
 
 
 def _decoder_step(decoder, cache_kw: str, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
