@@ -127,6 +127,32 @@ def test_bound_picks_the_slower_roof_and_the_device_table():
     assert set_peak.flops_for("bfloat16") == 100e12 and set_peak.memory_bytes_per_s == 1e12
 
 
+
+def test_a_working_set_a_cache_holds_is_bound_by_the_cache_read_rate():
+    """A phase that reads the same bytes again and again (the rollout's decode steps) is bound by the read rate of
+    the smallest measured cache size holding its working set, never by less than memory's; a phase without a
+    working set, or one larger than every size, by memory. A bandwidth set by hand replaces them all."""
+    peak = roofline.DevicePeak("cpu", {"float32": 1e12}, 10e9, 10e9, "measured",
+                               ((8 << 20, 30e9), (64 << 20, 20e9), (128 << 20, 5e9)))
+    cases = {0: 10e9, 1 << 20: 30e9, 8 << 20: 30e9, (8 << 20) + 1: 20e9, 100 << 20: 10e9, 1 << 30: 10e9}
+    for working_set, rate in cases.items():
+        roof = roofline.bound(roofline.Cost(1.0, 60e9, "float32", working_set=working_set), peak)
+        assert roof["bytes_per_s"] == rate and roof["memory_s"] == pytest.approx(60e9 / rate)
+        assert roof["bound_by"] == ("cache" if rate > 10e9 else "memory")
+    assert roofline.with_settings(peak, 0.0, 50.0).bandwidth_for(1 << 20) == 50e9
+    shape = DecoderShape(vocab=1000, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128,
+                         tied=True)
+    cost = roofline.rollout_cost(shape, Workload(3, 10, 20), 4, "float32")
+    weights = 4 * (shape.layers * shape.layer_matmul_params + shape.head_params)
+    assert cost.working_set == weights + 3 * shape.kv_bytes_per_token(4) * 30
+
+
+def test_measured_cpu_peaks_are_positive_and_cover_the_probe_sizes():
+    peak = roofline.measure_cpu(1, size=128, repeats=1)
+    assert peak.source == "measured" and peak.flops_for("float32") > 0 and peak.memory_bytes_per_s > 0
+    assert [size for size, _ in peak.cache_reads] == [mib << 20 for mib in roofline.CACHE_PROBE_MIB]
+    assert all(rate > 0 for _, rate in peak.cache_reads)
+
 def test_optimizer_and_sync_bytes():
     shape = DecoderShape.of({"vocab_size": 100, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
                              "intermediate_size": 16, "tie_word_embeddings": True})
