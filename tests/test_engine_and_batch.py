@@ -169,8 +169,8 @@ def test_decode_projections_equal_linear_and_are_removed_after():
     shape may take (the fixed rule's and every candidate the tuning may pick: MKL's `x @ w.T`, `w @ x.T` by
     columns, oneDNN's linear), on both sides of every threshold; modules take the path the engine's table holds
     for their shape, and the class's forward is back afterwards."""
-    from actors.engines.hf import (FEW_ROWS, ONEDNN_MAX_ROWS, ONEDNN_MIN_INPUTS, _few_rows_linear, candidate_paths,
-                                   cpu_project, few_row_projections)
+    from actors.engines.cpu_matmul import (FEW_ROWS, ONEDNN_MAX_ROWS, ONEDNN_MIN_INPUTS, candidate_paths, cpu_project,
+                                           few_row_projections, few_rows_linear)
 
     torch.manual_seed(0)
     for inputs in (24, ONEDNN_MIN_INPUTS + 8):
@@ -185,7 +185,7 @@ def test_decode_projections_equal_linear_and_are_removed_after():
                                                 None if m.bias is None else m.bias.double()) for m in layers]
             for path in [None, *candidate_paths(rows, torch.float32, head=True)]:
                 paths = {} if path is None else {(rows, 40, inputs, m.bias is not None): path for m in layers}
-                forwards = {m: functools.partial(_few_rows_linear, m, paths) for m in layers}
+                forwards = {m: functools.partial(few_rows_linear, m, paths) for m in layers}
                 with few_row_projections(forwards):
                     got = [m(x) for m in layers]
                 for g, m, want in zip(got, layers, wants, strict=True):
@@ -199,7 +199,7 @@ def test_decode_projections_equal_linear_and_are_removed_after():
 def test_tuning_keeps_the_fixed_rule_unless_another_path_is_clearly_faster():
     """`pick_path`: the fastest path only when it beats the fixed rule's by more than the margin. `time_paths`
     times every path the same number of times (a warm-up, then interleaved repeats)."""
-    from actors.engines.hf import TUNE_MARGIN, pick_path, time_paths
+    from actors.engines.cpu_matmul import TUNE_MARGIN, pick_path, time_paths
 
     assert pick_path({"linear": 1.0, "columns": 2.0}, "columns") == "linear"
     assert pick_path({"linear": 1.0, "columns": 1.0 + TUNE_MARGIN / 2}, "columns") == "columns"  # noise: the rule
@@ -217,6 +217,7 @@ def test_engine_tunes_the_shapes_worth_it_and_uses_what_it_picked(monkeypatch):
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     import actors.engines.hf as hf
+    from actors.engines import cpu_matmul
 
     config = Qwen3Config(vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64)
@@ -228,17 +229,18 @@ def test_engine_tunes_the_shapes_worth_it_and_uses_what_it_picked(monkeypatch):
         timed.append(paths)
         return {p: (0.1 if p == "onednn" else 1.0) for p in paths}  # oneDNN always clearly faster
 
-    monkeypatch.setattr(hf, "time_paths", fabricated)
+    monkeypatch.setattr(cpu_matmul, "time_paths", fabricated)
     engine = HFEngine(model, eos_id=1, pad_id=0, sampler="torch")
     used = []
-    original = hf.cpu_project
+    original = cpu_matmul.cpu_project
 
     def recording(x, w, bias=None, *, path=None):
         if x.shape[0] == 2:  # the decode steps' rows (the prefill's projections have 6: the rule)
             used.append((tuple(w.shape), path))
         return original(x, w, bias, path=path)
 
-    monkeypatch.setattr(hf, "cpu_project", recording)
+    monkeypatch.setattr(hf, "cpu_project", recording)  # the head's calls
+    monkeypatch.setattr(cpu_matmul, "cpu_project", recording)  # the layers'
     engine.generate([[5, 6, 7], [8, 9, 10]], max_new_tokens=3, greedy=True)
     used.clear()  # the first call also ran the model's own head once (its check against the engine's)
     engine.generate([[5, 6, 7], [8, 9, 10]], max_new_tokens=3, greedy=True)  # tuned already: not timed again

@@ -10,10 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import logging
 import math
-import statistics
-import time
 
 import torch
 import torch.fx.experimental._config as fx_config
@@ -22,11 +19,11 @@ from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from actors.engines import cpu_matmul
+from actors.engines.cpu_matmul import cpu_project, few_row_projections, few_rows_linear, fixed_path, head_rows
 from opd.batch import RolloutBatch
 from transport.weights import (ServingBuffer, WeightUpdate, attach_parameters, attach_serving, bind_to_buffer,
                                broadcast_buckets)
-
-logger = logging.getLogger(__name__)
 
 
 def resolve_sampler(name: str, device: torch.device) -> str | None:
@@ -53,16 +50,16 @@ class HFEngine:
         self.sampler = sampler  # None: transformers' generate; "torch" | "flashinfer": the decode loop below
         # the CPU decode loop's projections (see `cpu_project`), by the path timed fastest for each shape on this
         # machine (`_tune_cpu_paths`: `(rows, out, in, bias)` -> path; the head: rows -> path, "reduction" the
-        # compiled `_head_rows`)
+        # compiled `head_rows`)
         self._paths: dict[tuple[int, int, int, bool], str] = {}
         self._head_paths: dict[int, str] = {}  # -rows: the prefill's (eager) path
         self._tuned_rows: set[int] = set()
-        self._few_rows = {m: functools.partial(_few_rows_linear, m, self._paths) for m in self.model.modules()
+        self._few_rows = {m: functools.partial(few_rows_linear, m, self._paths) for m in self.model.modules()
                           if type(m) is torch.nn.Linear}
         self._own_head: bool | None = None  # whether `w @ h.T` is the model's own head (checked at first use)
         # rollout.compile: the decode steps' decoder, and the head for a few rows, through torch.compile (CPU)
         self._step = torch.compile(_decoder_step, dynamic=True) if compile else None
-        self._head = torch.compile(_head_rows, dynamic=False) if compile else None
+        self._head = torch.compile(head_rows, dynamic=False) if compile else None
         # transformers >= 5.2x names the KV cache `cache` (`past_key_values` before, deprecated since)
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._version = -1  # no weights published yet
@@ -157,7 +154,7 @@ class HFEngine:
         engine's own: `w @ h.T` (on the CPU, MKL's path for `h @ w.T` with a few rows is ~4x slower at V = 32k:
         8.6 vs 2.0 ms, one thread, most of a decode step; on another 1.2 vs 2.1: `_tune_cpu_paths`), oneDNN's for
         long rows on the CPU (`cpu_project`), or
-        rollout.compile's `_head_rows`. The first prefill checks the eager one against the model's own head; a
+        rollout.compile's `head_rows`. The first prefill checks the eager one against the model's own head; a
         model that scales or caps its logits keeps its own forward."""
         key = self._cache_kw
         if self._own_head is False:
@@ -246,150 +243,16 @@ class HFEngine:
         ids = torch.nn.functional.pad(torch.stack(tokens, 1), (0, pad), value=self.pad_id)
         return ids.cpu(), torch.nn.functional.pad(torch.stack(logprobs, 1), (0, pad)).cpu()
 
-
-    @torch.no_grad()
     def _tune_cpu_paths(self, rows: int) -> None:
-        """Time `cpu_project`'s paths for every projection shape of `rows` rows whose weight has at least
-        TUNE_MIN_BYTES (a few of the modules of each shape, weights from memory) and for the head (also
-        rollout.compile's `_head_rows`, "reduction", for up to FEW_ROWS rows); keep the fastest for this engine's
-        life. Once per row count: a few seconds at most (the side-by-side student: ~0.5 s)."""
+        """`cpu_matmul.tune` once per row count; the paths it picks serve this engine's life."""
         if rows in self._tuned_rows:
             return
         self._tuned_rows.add(rows)
         head = self.model.get_output_embeddings()
-        groups: dict[tuple[int, int, int, bool], list[torch.nn.Linear]] = {}
-        for m in self._few_rows:
-            w = m.weight
-            if m is not head and w.device.type == "cpu" and w.numel() * w.element_size() >= TUNE_MIN_BYTES:
-                groups.setdefault((rows, w.shape[0], w.shape[1], m.bias is not None), []).append(m)
-        evict = torch.ones(1 << 24)  # 64 MiB, more than the caches hold
-        g = torch.Generator().manual_seed(0)
-        chosen = {}
-        for key, modules in groups.items():
-            w = modules[0].weight
-            x = torch.randn(rows, w.shape[1], generator=g).to(w.dtype)
-            some = modules[:4]
-            times = time_paths(lambda path: [cpu_project(x, m.weight, m.bias, path=path) for m in some],
-                               candidate_paths(rows, w.dtype), evict=evict)
-            self._paths[key] = chosen[key[1:3]] = pick_path(times, fixed_path(rows, w.shape[1], w.dtype))
-        w = head.weight
-        if w.numel() * w.element_size() < TUNE_MIN_BYTES:
-            return
-        h = torch.randn(rows, w.shape[1], generator=g).to(w.dtype)
-        times = time_paths(lambda path: cpu_project(h, w, path=path), candidate_paths(rows, w.dtype, head=True),
-                           evict=evict)
-        eager = pick_path(times, fixed_path(rows, w.shape[1], w.dtype, head=True))
-        self._head_paths[rows] = self._head_paths[-rows] = eager
-        if self._head is not None and rows <= FEW_ROWS:
-            times = {eager: times[eager], **time_paths(lambda path: self._head(w, h), ["reduction"], evict=evict)}
-            self._head_paths[rows] = pick_path(times, eager)
-        logger.info("CPU decode paths for %d rows: head %s (prefill %s); %s", rows, self._head_paths[rows], eager,
-                    ", ".join(f"{o}x{i} {p}" for (o, i), p in chosen.items()))
-
-
-# A decode step's projections have one row per sequence, and which of torch's matmuls is fastest for such a shape
-# differs between CPUs. One thread, the side-by-side student's head (2 rows, 256 -> 32768): MKL's `x @ w.T` 8.6 ms
-# and `w @ x.T` 2.0 on one of this project's machines, 1.2 and 2.1 on another; its 14 layer projections 1.1 vs
-# 0.46 ms on the first (MKL's 2-row path reads weights the head has pushed out of the caches at ~5 GB/s), 0.30 vs
-# 0.58 on the second. So the engine times the candidates once per shape on the machine it runs on
-# (`HFEngine._tune_cpu_paths`) and keeps the fastest; weights under TUNE_MIN_BYTES (the toy models: timing noise,
-# nothing to gain) take the fixed rule `fixed_path`, the first machine's choice.
-FEW_ROWS = 4
-ONEDNN_MIN_INPUTS, ONEDNN_MAX_ROWS = 2048, 64
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-TUNE_MIN_BYTES = 128 * 1024
-TUNE_MARGIN = 0.1  # another path replaces the fixed rule's only if it is this much faster (noise keeps the rule)
-TUNE_REPEATS = 5
-
-
-def fixed_path(rows: int, inputs: int, dtype: torch.dtype, *, head: bool = False) -> str:
-    """The fixed rule: oneDNN's linear for long rows (1.5-2.2x MKL's at 2048-6144 inputs on the first machine;
-    level at 576-1536), `w @ x.T` by columns for up to FEW_ROWS short rows (any number for the head), else
-    MKL's `x @ w.T`."""
-    if _ONEDNN and inputs >= ONEDNN_MIN_INPUTS and rows <= ONEDNN_MAX_ROWS and dtype == torch.float32:
-        return "onednn"
-    return "columns" if head or rows <= FEW_ROWS else "linear"
-
-
-def candidate_paths(rows: int, dtype: torch.dtype, *, head: bool = False) -> list[str]:
-    paths = ["linear"]
-    if head or rows <= FEW_ROWS:
-        paths.append("columns")
-    if _ONEDNN and rows <= ONEDNN_MAX_ROWS and dtype == torch.float32:
-        paths.append("onednn")
-    return paths
-
-
-def cpu_project(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-                path: str | None = None) -> torch.Tensor:
-    """`x @ w.T + bias` for `x [rows, in]` on the CPU by `path`: "linear" (MKL's `x @ w.T`), "columns" (`w @ x.T`,
-    a column at a time), "onednn" (oneDNN's linear); None: `fixed_path`."""
-    path = path or fixed_path(*x.shape, x.dtype)
-    if path == "onednn":
-        return onednn_linear(x, w, bias)
-    if path == "linear":
-        return torch.nn.functional.linear(x, w, bias)
-    y = torch.stack((w @ x.T).unbind(1))  # `[rows, out]`: a column at a time (a transposing copy: ~4x slower)
-    return y if bias is None else y.add_(bias)
-
-
-def time_paths(run, paths: list[str], *, repeats: int = TUNE_REPEATS, evict: torch.Tensor | None = None
-               ) -> dict[str, float]:
-    """The median seconds of `run(path)` for each path, the paths interleaved, each run after reading `evict`
-    (so the weights come from memory, as in the loop, where the head pushes them out of the caches)."""
-    for path in paths:  # warm up (oneDNN builds its primitive, MKL its buffers)
-        run(path)
-    times: dict[str, list[float]] = {path: [] for path in paths}
-    for _ in range(repeats):
-        for path in paths:
-            if evict is not None:
-                evict.sum()
-            start = time.perf_counter()
-            run(path)
-            times[path].append(time.perf_counter() - start)
-    return {path: statistics.median(t) for path, t in times.items()}
-
-
-def pick_path(times: dict[str, float], default: str, *, margin: float = TUNE_MARGIN) -> str:
-    """The fastest path, if it beats `default` by more than `margin`; else `default`."""
-    fastest = min(times, key=times.__getitem__)
-    return fastest if times[fastest] < (1.0 - margin) * times[default] else default
-
-
-@torch.library.custom_op("opd::onednn_linear", mutates_args=())
-def onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """oneDNN's linear on an unpacked weight, as an operator torch.compile calls rather than lowers (inductor's
-    lowering of `mkldnn._linear_pointwise` expects a weight it packed itself)."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
-
-
-@onednn_linear.register_fake
-def _(x, w, bias):
-    return x.new_empty(x.shape[0], w.shape[0])
-
-
-def _few_rows_linear(module: torch.nn.Linear, paths: dict[tuple[int, int, int, bool], str],
-                     x: torch.Tensor) -> torch.Tensor:
-    """`module(x)` by `cpu_project` (any leading dimensions), on the path `paths` holds for the shape (else the
-    fixed rule)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    w = module.weight
-    path = paths.get((x2.shape[0], w.shape[0], w.shape[1], module.bias is not None))
-    y = cpu_project(x2, w, module.bias, path=path)
-    return y.view(*x.shape[:-1], -1)
-
-
-@contextlib.contextmanager
-def few_row_projections(forwards: dict[torch.nn.Linear, functools.partial]):
-    """For the duration: each `nn.Linear` projection uses its `_few_rows_linear` (an instance attribute over the
-    class's forward, removed on exit; the parameters are untouched)."""
-    for module, forward in forwards.items():
-        module.forward = forward
-    try:
-        yield
-    finally:
-        for module in forwards:
-            del module.forward
+        paths, head_paths = cpu_matmul.tune(rows, [m for m in self._few_rows if m is not head], head.weight,
+                                            self._head)
+        self._paths.update(paths)
+        self._head_paths.update(head_paths)
 
 
 def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -431,15 +294,6 @@ def _decoder_step(decoder, cache_kw: str, input_ids, attention_mask, position_id
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                   **{cache_kw: cache})
     return out.last_hidden_state[:, -1]
-
-
-def _head_rows(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """`h @ w.T` for a few rows `h [B, d]` written as a reduction over `d`, for torch.compile: the kernel inductor
-    makes reads each row of `w` once for all B rows. One thread, 32768 rows: 1.3 ms against `w @ h.T`'s 1.8 at
-    d = 256 with 2 rows (the side-by-side student), 11 vs 17 ms at 1024 with 4, level at 576; at 2048 oneDNN's
-    linear is faster (21 vs 30 ms), so the loop uses it below ONEDNN_MIN_INPUTS only. Compiled alone: inside the
-    decoder's graph it would fuse with the final norm and recompute it for every row of `w`."""
-    return (w[:, None, :] * h[None]).sum(-1).T.contiguous()
 
 
 class PreallocatedLayer(DynamicLayer):
