@@ -87,7 +87,7 @@ class RolloutConfig:
     # FlashInfer when installed on a GPU, else torch); generate: transformers' `generate`, the reference
     sampler: str = "auto"
     # hf engine on the CPU (run.mode=cpu): the decode steps through torch.compile (the decoder, and the output head
-    # for up to 4 rows). Needs a C++ compiler; compiles once per process (~10-30 s here; dynamic in the context
+    # for up to 4 rows where that is timed faster). Needs a C++ compiler; compiles once per process (~10-30 s here; dynamic in the context
     # length and batch), then ~30 % off a decode step: for long rollouts (benchmarks, the side by side).
     compile: bool = False
     mem_fraction: float = 0.4  # sglang: GPU memory fraction for its weights and KV cache (mem_fraction_static)

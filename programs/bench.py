@@ -234,8 +234,8 @@ def _versions() -> dict:
 
 
 def _cache_line(reads: list[dict]) -> str:
-    """`; cache reads 29.3 GB/s to 48 MiB`: the best rate among the sizes above memory's, and the largest size
-    that still reaches 90 % of it."""
+    """`; cache reads 29.3 GB/s to 48 MiB`: the best read rate among the probed sizes, and the largest size that
+    still reaches 90 % of it."""
     if not reads:
         return ""
     top = max(r["bytes_per_s"] for r in reads)

@@ -95,14 +95,17 @@ def _(x, w, bias):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
+def path_key(rows: int, module: torch.nn.Linear) -> tuple[int, int, int, bool]:
+    """What a projection's path depends on: rows, its weight's shape, whether it adds a bias."""
+    return rows, module.weight.shape[0], module.weight.shape[1], module.bias is not None
+
+
 def few_rows_linear(module: torch.nn.Linear, paths: dict[tuple[int, int, int, bool], str],
-                     x: torch.Tensor) -> torch.Tensor:
+                    x: torch.Tensor) -> torch.Tensor:
     """`module(x)` by `cpu_project` (any leading dimensions), on the path `paths` holds for the shape (else the
     fixed rule)."""
     x2 = x.reshape(-1, x.shape[-1])
-    w = module.weight
-    path = paths.get((x2.shape[0], w.shape[0], w.shape[1], module.bias is not None))
-    y = cpu_project(x2, w, module.bias, path=path)
+    y = cpu_project(x2, module.weight, module.bias, path=paths.get(path_key(x2.shape[0], module)))
     return y.view(*x.shape[:-1], -1)
 
 
@@ -122,28 +125,28 @@ def few_row_projections(forwards: dict[torch.nn.Linear, functools.partial]):
 def head_rows(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """`h @ w.T` for a few rows `h [B, d]` written as a reduction over `d`, for torch.compile: the kernel inductor
     makes reads each row of `w` once for all B rows. One thread, 32768 rows: 1.3 ms against `w @ h.T`'s 1.8 at
-    d = 256 with 2 rows (the side-by-side student), 11 vs 17 ms at 1024 with 4, level at 576; at 2048 oneDNN's
-    linear is faster (21 vs 30 ms), so the loop uses it below ONEDNN_MIN_INPUTS only. Compiled alone: inside the
-    decoder's graph it would fuse with the final norm and recompute it for every row of `w`."""
+    d = 256 with 2 rows (the side-by-side student), 11 vs 17 ms at 1024 with 4, level at 576, on the first machine;
+    at 2048 oneDNN's linear was faster (21 vs 30 ms). `tune` times it against the eager paths. Compiled alone:
+    inside the decoder's graph it would fuse with the final norm and recompute it for every row of `w`."""
     return (w[:, None, :] * h[None]).sum(-1).T.contiguous()
 
 
 @torch.no_grad()
 def tune(rows: int, layers: list[torch.nn.Linear], head: torch.Tensor, compiled_head=None
-         ) -> tuple[dict[tuple[int, int, int, bool], str], dict[int, str]]:
+         ) -> tuple[dict[tuple[int, int, int, bool], str], tuple[str, str] | None]:
     """Time `cpu_project`'s paths for every projection shape of `rows` rows whose weight has at least
     TUNE_MIN_BYTES (up to 4 of the layers of each shape, weights read from memory) and for the output head `head`
     (also `compiled_head`, rollout.compile's `head_rows`, as "reduction", for up to FEW_ROWS rows). Returns
-    `(rows, out, in, bias) -> path` and the head's `rows -> path` (and `-rows -> path`: the fastest eager one, for
-    the prefill). A few seconds at most (the side-by-side student: ~0.5 s)."""
+    `path_key -> path` and the head's `(prefill path, decode path)` (the prefill is not compiled: the fastest eager
+    one), None for a head too small to time. A few seconds at most (the side-by-side student: ~0.5 s)."""
     groups: dict[tuple[int, int, int, bool], list[torch.nn.Linear]] = {}
     for m in layers:
         w = m.weight
         if w.device.type == "cpu" and w.numel() * w.element_size() >= TUNE_MIN_BYTES:
-            groups.setdefault((rows, w.shape[0], w.shape[1], m.bias is not None), []).append(m)
+            groups.setdefault(path_key(rows, m), []).append(m)
     evict = torch.ones(1 << 24)  # 64 MiB, more than the caches hold
     g = torch.Generator().manual_seed(0)
-    paths, head_paths = {}, {}
+    paths = {}
     for key, modules in groups.items():
         w = modules[0].weight
         x = torch.randn(rows, w.shape[1], generator=g).to(w.dtype)
@@ -152,15 +155,14 @@ def tune(rows: int, layers: list[torch.nn.Linear], head: torch.Tensor, compiled_
                            candidate_paths(rows, w.dtype), evict=evict)
         paths[key] = pick_path(times, fixed_path(rows, w.shape[1], w.dtype))
     if head.device.type != "cpu" or head.numel() * head.element_size() < TUNE_MIN_BYTES:
-        return paths, head_paths
+        return paths, None
     h = torch.randn(rows, head.shape[1], generator=g).to(head.dtype)
     times = time_paths(lambda path: cpu_project(h, head, path=path), candidate_paths(rows, head.dtype, head=True),
                        evict=evict)
-    eager = pick_path(times, fixed_path(rows, head.shape[1], head.dtype, head=True))
-    head_paths[rows] = head_paths[-rows] = eager
+    eager = decode = pick_path(times, fixed_path(rows, head.shape[1], head.dtype, head=True))
     if compiled_head is not None and rows <= FEW_ROWS:
         times = {eager: times[eager], **time_paths(lambda path: compiled_head(head, h), ["reduction"], evict=evict)}
-        head_paths[rows] = pick_path(times, eager)
-    logger.info("CPU decode paths for %d rows: head %s (prefill %s); %s", rows, head_paths[rows], eager,
+        decode = pick_path(times, eager)
+    logger.info("CPU decode paths for %d rows: head %s (prefill %s); %s", rows, decode, eager,
                 ", ".join(f"{o}x{i} {p}" for (_, o, i, _), p in paths.items()))
-    return paths, head_paths
+    return paths, (eager, decode)

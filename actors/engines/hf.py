@@ -49,10 +49,10 @@ class HFEngine:
         self.valid_vocab = valid_vocab
         self.sampler = sampler  # None: transformers' generate; "torch" | "flashinfer": the decode loop below
         # the CPU decode loop's projections (see `cpu_project`), by the path timed fastest for each shape on this
-        # machine (`_tune_cpu_paths`: `(rows, out, in, bias)` -> path; the head: rows -> path, "reduction" the
-        # compiled `head_rows`)
+        # machine (`_tune_cpu_paths`: `path_key` -> path; the head: rows -> (prefill path, decode path),
+        # "reduction" the compiled `head_rows`)
         self._paths: dict[tuple[int, int, int, bool], str] = {}
-        self._head_paths: dict[int, str] = {}  # -rows: the prefill's (eager) path
+        self._head_paths: dict[int, tuple[str, str]] = {}
         self._tuned_rows: set[int] = set()
         self._few_rows = {m: functools.partial(few_rows_linear, m, self._paths) for m in self.model.modules()
                           if type(m) is torch.nn.Linear}
@@ -153,9 +153,8 @@ class HFEngine:
         prefill would otherwise make `[B, prompt, V]` logits it never samples from. The output projection is the
         engine's own: `w @ h.T` (on the CPU, MKL's path for `h @ w.T` with a few rows is ~4x slower at V = 32k:
         8.6 vs 2.0 ms, one thread, most of a decode step; on another 1.2 vs 2.1: `_tune_cpu_paths`), oneDNN's for
-        long rows on the CPU (`cpu_project`), or
-        rollout.compile's `head_rows`. The first prefill checks the eager one against the model's own head; a
-        model that scales or caps its logits keeps its own forward."""
+        long rows on the CPU (`cpu_project`), or rollout.compile's `head_rows`. The first prefill checks the eager
+        one against the model's own head; a model that scales or caps its logits keeps its own forward."""
         key = self._cache_kw
         if self._own_head is False:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -167,9 +166,8 @@ class HFEngine:
         if w.device.type != "cpu":
             logits = (w @ h.T).T.float()
         else:
-            path = self._head_paths.get(h.shape[0])
-            if path == "reduction" and prefill:
-                path = self._head_paths.get(-h.shape[0])  # the fastest eager path: the prefill is not compiled
+            tuned = self._head_paths.get(h.shape[0])  # (the prefill's path, the decode steps')
+            path = tuned and tuned[0 if prefill else 1]
             if path == "reduction":
                 logits = self._head(w, h).float()
             else:
@@ -252,7 +250,8 @@ class HFEngine:
         paths, head_paths = cpu_matmul.tune(rows, [m for m in self._few_rows if m is not head], head.weight,
                                             self._head)
         self._paths.update(paths)
-        self._head_paths.update(head_paths)
+        if head_paths is not None:
+            self._head_paths[rows] = head_paths
 
 
 def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
