@@ -274,7 +274,7 @@ class RunConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class BenchConfig:
-    """`driver.py --bench` (programs/bench.py): timed steps on fixed-length responses, per phase, with a roofline."""
+    """`driver.py --bench` (opd/programs/bench.py): timed steps on fixed-length responses, per phase, with a roofline."""
 
     enabled: bool = False  # set by --bench
     shapes: str = ""  # a pair of assets/shapes with random weights (opd/shapes.py SHAPE_PAIRS); "" = model.*

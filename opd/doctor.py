@@ -202,7 +202,7 @@ def gpu_checks() -> list[Check]:
 
 
 def _ipc_child(handle: bytes, queue) -> None:
-    from transport.weights import open_handle
+    from opd.transport.weights import open_handle
 
     mapped = open_handle(handle)
     queue.put(float(mapped.double().sum()))
@@ -218,7 +218,7 @@ def ipc_round_trip(device: str = "cuda") -> Check:
     import torch.multiprocessing as mp
 
     from opd.doctor import _ipc_child  # by its module's name, also when this runs as __main__
-    from transport.weights import share_handle
+    from opd.transport.weights import share_handle
 
     tensor = torch.arange(1 << 20, dtype=torch.float32, device=device)
     want = float(tensor.double().sum())
@@ -266,7 +266,7 @@ def triton_kernel() -> Check:
     """kernels/triton_kl.py against the torch reference on [32, 151936] logits, fp32 and bf16."""
     if importlib.util.find_spec("triton") is None:
         return Check("triton loss kernel", "skip", "triton is not installed")
-    from kernels.triton_kl import ref_row_divergence, row_divergence_
+    from opd.kernels.triton_kl import ref_row_divergence, row_divergence_
 
     worst = {}
     for dtype, grad_tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):

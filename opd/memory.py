@@ -32,7 +32,7 @@ d) and the rest in bf16, plus bf16 copies of every layer's weights, which autoca
 Measured at the Qwen2.5-1.5B widths (fp32): 206.7 KiB per token and layer against 204.8 from the formula.
 
 Placement: colocated puts the three actors on one GPU and each phase returns its cached memory when it ends
-(actors/common.py `return_cached_memory`), so the GPU needs the persistent terms of all three plus the largest
+(opd/actors/common.py `return_cached_memory`), so the GPU needs the persistent terms of all three plus the largest
 phase; split puts the learner alone on GPU 0 and rollout + teacher on GPU 1, where nothing is returned between
 phases, so GPU 1 needs both actors' peaks; the cpu mode's three processes share the machine's RAM (a warning only).
 """
@@ -392,7 +392,7 @@ def actor_plans(cfg: Config, student: Arch, teacher: Arch, step: Step, device: D
     teacher_responses = math.ceil(responses / cfg.run.teacher_replicas)
     state_bytes = t.hidden * b if full_vocab else 4  # per response token: hidden states, or one fp32 log-prob
     valid_vocab = min(s.vocab, t.vocab)
-    from kernels.chunked import default_chunk_size
+    from opd.kernels.chunked import default_chunk_size
 
     chunk = cfg.loss.chunk_size or default_chunk_size(valid_vocab, s.hidden, "cuda" if on_gpu else "cpu")
     lc = cfg.learner

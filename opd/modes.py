@@ -1,6 +1,6 @@
 """What each mode is: whether it runs on GPUs, how many it needs, how the teacher's states travel; and the check
 that this machine can run it. Plain facts of the config, read by the actors, the memory plan and preflight (the
-placement of actors on a Ray cluster is cluster/placement.py's)."""
+placement of actors on a Ray cluster is opd/cluster/placement.py's)."""
 
 from __future__ import annotations
 

@@ -131,7 +131,7 @@ def teacher_cost(s: DecoderShape, w: Workload, dtype_bytes: int, dtype: str) -> 
 
 
 def loss_flops(student: DecoderShape, teacher: DecoderShape, num_tokens: int, *, canary: bool = True) -> float:
-    """The chunked divergence (kernels/chunked.py): student logits, teacher logits, and the two gradient
+    """The chunked divergence (opd/kernels/chunked.py): student logits, teacher logits, and the two gradient
     products (hidden states and output weight), all in its forward; `canary`: one more student projection for
     the learner-vs-rollout log-prob check."""
     v = student.vocab

@@ -129,7 +129,7 @@ def child(args) -> dict:
            "import_rss_bytes": start_rss}
     t0 = time.perf_counter()
     if args.which == "teacher":
-        from actors.teacher import TeacherActor
+        from opd.actors.teacher import TeacherActor
 
         actor = TeacherActor(cfg)
         vocab = actor.vocab_size
@@ -150,7 +150,7 @@ def child(args) -> dict:
         out["step_s"] = time.perf_counter() - t0
         out["payload_bytes"], out["parts"] = payload, parts
     else:
-        from actors.learner import LearnerActor
+        from opd.actors.learner import LearnerActor
         from opd.batch import OutputHead
         from opd.models import DTYPES
 

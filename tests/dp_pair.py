@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from actors.learner import LearnerActor
-from actors.rollout import RolloutActor
-from actors.teacher import TeacherActor
+from opd.actors.learner import LearnerActor
+from opd.actors.rollout import RolloutActor
+from opd.actors.teacher import TeacherActor
 from opd import data_parallel
 from opd.config import Config
 

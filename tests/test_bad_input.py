@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, get_scheduler
 
-import driver
+from opd.programs import train
 from opd import checkpoint
 from opd.config import ConfigError, override, tiny_cpu
 from opd.metrics import read_jsonl
 from opd.preflight import make_run_dir, preflight
 
-NO_RAY = ("import sys, driver; rc = driver.main(sys.argv[1:]); "
+NO_RAY = ("import sys; from opd.programs import train; rc = train.main(sys.argv[1:]); "
           "assert 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)")
 
 
@@ -35,7 +35,7 @@ def _refused(root, *args) -> str:
 
 def _preflight_error(*args: str) -> str:
     with pytest.raises(ConfigError) as info:
-        preflight(driver.parse_args(list(args)))
+        preflight(train.parse_args(list(args)))
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -99,9 +99,9 @@ def test_model_folder_without_weights(root, tmp_path):
 
 def test_resume_argument_errors(tmp_path, run_dir):
     with pytest.raises(ConfigError, match="no run directory there"):
-        driver.parse_args(["--resume", str(tmp_path / "nowhere")])
+        train.parse_args(["--resume", str(tmp_path / "nowhere")])
     with pytest.raises(ConfigError, match="drop --preset / --mode"):
-        driver.parse_args(["--resume", str(run_dir), "--preset", "tiny_cpu"])
+        train.parse_args(["--resume", str(run_dir), "--preset", "tiny_cpu"])
     assert "was written with loss.kind='rkl', this run has 'fkl'" in _preflight_error(
         "--resume", str(run_dir), "--set", "loss.kind=fkl")
     assert "checkpoint is at step 2 and train.steps=2: nothing left to do" in _preflight_error(
@@ -279,7 +279,7 @@ def test_resume_trust_a_newer_step_without_its_manifest(root, tmp_path, run_dir,
     shutil.copytree(checkpoint.step_dir(run, 2), checkpoint.step_dir(run, 3))
     (checkpoint.step_dir(run, 3) / checkpoint.MANIFEST).unlink()
     shutil.copytree(checkpoint.step_dir(run, 3), checkpoint.step_dir(run, 1))
-    prepared = preflight(driver.parse_args(["--resume", str(run)]))
+    prepared = preflight(train.parse_args(["--resume", str(run)]))
     assert prepared.resume_from == checkpoint.step_dir(run, 2)
     assert (f"warning: {checkpoint.step_dir(run, 3)} has no manifest.json (an interrupted save): resuming from "
             f"step_2; step_3 is replaced when the run gets to its step") in capsys.readouterr().err

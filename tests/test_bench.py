@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import driver
-from actors.common import load
-from actors.engines.hf import HFEngine
+from opd.programs import train
+from opd.actors.common import load
+from opd.actors.engines.hf import HFEngine
 from opd import roofline, shapes
-from programs.bench import load_schema
+from opd.programs.bench import load_schema
 from opd.config import preset
 
 
@@ -31,7 +31,7 @@ def _square_minus_causal(shape: roofline.DecoderShape, batch: int, seq_len: int)
 
 @pytest.mark.slow
 def test_cpu_bench_writes_json_that_matches_the_schema(root, tmp_path, monkeypatch, capsys):
-    from programs import bench
+    from opd.programs import bench
 
     real_memory = bench._memory
 
@@ -41,7 +41,7 @@ def test_cpu_bench_writes_json_that_matches_the_schema(root, tmp_path, monkeypat
 
     monkeypatch.setattr(bench, "_memory", memory)
     prompts, response_tokens = 4, 12
-    rc = driver.main(["--bench", "--set", f"run.out_dir={tmp_path}", "--set", "run.name=b", "--set", "run.progress=false",
+    rc = train.main(["--bench", "--set", f"run.out_dir={tmp_path}", "--set", "run.name=b", "--set", "run.progress=false",
                       "--set", f"train.prompts_per_step={prompts}", "--set", f"rollout.max_new_tokens={response_tokens}",
                       "--set", "rollout.num_samples=2", "--set", "bench.steps=2", "--set", "bench.prompt_tokens=5"])
     assert rc == 0
@@ -106,7 +106,7 @@ def test_cpu_bench_writes_json_that_matches_the_schema(root, tmp_path, monkeypat
     (["--set", "bench.steps=0"], "bench.steps=0 must be > 0"),
 ])
 def test_bench_refusals_happen_before_ray(tmp_path, capsys, args, message):
-    rc = driver.main(["--bench", "--set", f"run.out_dir={tmp_path}", *args])
+    rc = train.main(["--bench", "--set", f"run.out_dir={tmp_path}", *args])
     assert rc == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
@@ -157,7 +157,7 @@ def test_ignore_eos_gives_fixed_length_responses(root, sampler):
 
 
 def test_h20_cluster_yaml_is_a_valid_ray_cluster_config(root):
-    """cluster/h20x2.yaml passes Ray's own cluster-config schema and starts Ray with both GPUs."""
+    """opd/cluster/h20x2.yaml passes Ray's own cluster-config schema and starts Ray with both GPUs."""
     import yaml
     from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -168,9 +168,9 @@ def test_h20_cluster_yaml_is_a_valid_ray_cluster_config(root):
 
 
 def test_reset_peak_memory_starts_a_new_peak():
-    """The actors' peak-memory methods (actors/common.py), in this process: a 256 MiB block touched and freed
+    """The actors' peak-memory methods (opd/actors/common.py), in this process: a 256 MiB block touched and freed
     raises the peak; after a reset the peak is back near the current resident memory."""
-    from actors.common import memory_stats, reset_peak_memory
+    from opd.actors.common import memory_stats, reset_peak_memory
 
     block = 256 * 2**20
     reset_peak_memory(None)

@@ -1,12 +1,12 @@
 """Split-mode weight broadcast, learner rank 0 -> engine rank 1, with gloo standing in for NCCL on CPU
-(transport/groups.py: the same broadcast_buckets call, another backend)."""
+(opd/transport/groups.py: the same broadcast_buckets call, another backend)."""
 
 import pytest
 import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from transport import weights
+from opd.transport import weights
 
 
 
@@ -24,7 +24,7 @@ class Side:
         self.rank = rank
 
     def join(self, world_size: int, group: str, init_method: str, backend: str = "gloo") -> None:
-        from transport import groups
+        from opd.transport import groups
 
         groups.join(groups.GroupSpec({group: tuple(range(world_size))}, world_size, backend, init_method), self.rank)
 

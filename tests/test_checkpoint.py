@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, get_scheduler
 
-from transport import weights
+from opd.transport import weights
 from opd import checkpoint
 from opd.config import PRESETS, ConfigError, config_from_dict, override, tiny_cpu
 from opd.metrics import RunStopped, SkipGuard, atomic_path, truncate_jsonl

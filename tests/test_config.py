@@ -59,7 +59,7 @@ def test_unknown_preset():
 ])
 def test_driver_refuses_bad_config_before_ray(root, tmp_path, args, needle):
     """One line on stderr, exit status 2, Ray never imported, nothing written."""
-    code = ("import sys, driver; rc = driver.main(sys.argv[1:]); "
+    code = ("import sys; from opd.programs import train; rc = train.main(sys.argv[1:]); "
             "assert 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", code, *args, "--set", f"run.out_dir={tmp_path}"],
                          cwd=root, capture_output=True, text=True, timeout=120)
@@ -90,7 +90,7 @@ def test_every_preset_validates(name):
 
 
 def _driver_error(root, *args) -> str:
-    code = ("import sys, driver; rc = driver.main(sys.argv[1:]); "
+    code = ("import sys; from opd.programs import train; rc = train.main(sys.argv[1:]); "
             "assert 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", code, *args], cwd=root, capture_output=True, text=True, timeout=300)
     lines = out.stderr.strip().splitlines()

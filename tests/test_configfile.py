@@ -32,7 +32,7 @@ def test_a_partial_file_merges_over_the_preset_and_under_set(tmp_path):
     json_path = tmp_path / "c.json"
     json_path.write_text(json.dumps({"loss": {"kind": "jsd", "beta": 0.3}}))
     assert merge(cfg, load_tree(json_path)).loss.beta == 0.3
-    from driver import parse_args
+    from opd.programs.train import parse_args
 
     cfg = parse_args(["--config", str(path), "--set", "train.steps=9"])
     assert cfg.train.steps == 9 and cfg.learner.lr == 1e-4

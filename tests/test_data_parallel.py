@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from actors.learner import LearnerActor
+from opd.actors.learner import LearnerActor
 from dp_pair import run_pair, sample, step
 from opd import checkpoint
 from opd.config import ConfigError, RunConfig, override, tiny_cpu

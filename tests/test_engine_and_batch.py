@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from actors.engines.hf import HFEngine
+from opd.actors.engines.hf import HFEngine
 from opd.batch import RolloutBatch
 
 
@@ -60,7 +60,7 @@ def test_padded_positions_predict_the_response_tokens():
 def _check_sampled_logprobs(engine, batch, temperature, top_k=0, top_p=1.0):
     """Each log-prob is that of the token under softmax(logits / T) after top-k / top-p, renormalised,
     recomputed from one plain forward pass (independent of the decode path)."""
-    from actors.engines.hf import filter_probs
+    from opd.actors.engines.hf import filter_probs
 
     for prompt, response, lp in zip(batch.prompts(), batch.responses(),
                                     torch.split(batch.logprobs, batch.response_lens.tolist()), strict=True):
@@ -127,7 +127,7 @@ def test_decode_loop_matches_generate_on_a_random_qwen3(tmp_path, compile):
 def test_filter_probs_against_transformers_warpers():
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-    from actors.engines.hf import filter_probs
+    from opd.actors.engines.hf import filter_probs
 
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
     warped = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(10)(None, logits.clone()))
@@ -169,7 +169,7 @@ def test_decode_projections_equal_linear_and_are_removed_after():
     shape may take (the fixed rule's and every candidate the tuning may pick: MKL's `x @ w.T`, `w @ x.T` by
     columns, oneDNN's linear), on both sides of every threshold; modules take the path the engine's table holds
     for their shape, and the class's forward is back afterwards."""
-    from actors.engines.cpu_matmul import (FEW_ROWS, ONEDNN_MAX_ROWS, ONEDNN_MIN_INPUTS, candidate_paths, cpu_project,
+    from opd.actors.engines.cpu_matmul import (FEW_ROWS, ONEDNN_MAX_ROWS, ONEDNN_MIN_INPUTS, candidate_paths, cpu_project,
                                            few_row_projections, few_rows_linear)
 
     torch.manual_seed(0)
@@ -199,7 +199,7 @@ def test_decode_projections_equal_linear_and_are_removed_after():
 def test_tuning_keeps_the_fixed_rule_unless_another_path_is_clearly_faster():
     """`pick_path`: the fastest path only when it beats the fixed rule's by more than the margin. `time_paths`
     times every path the same number of times (a warm-up, then interleaved repeats)."""
-    from actors.engines.cpu_matmul import TUNE_MARGIN, pick_path, time_paths
+    from opd.actors.engines.cpu_matmul import TUNE_MARGIN, pick_path, time_paths
 
     assert pick_path({"linear": 1.0, "columns": 2.0}, "columns") == "linear"
     assert pick_path({"linear": 1.0, "columns": 1.0 + TUNE_MARGIN / 2}, "columns") == "columns"  # noise: the rule
@@ -216,8 +216,8 @@ def test_engine_tunes_the_shapes_worth_it_and_uses_what_it_picked(monkeypatch):
     the pick is known); smaller weights keep the fixed rule untimed."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    import actors.engines.hf as hf
-    from actors.engines import cpu_matmul
+    import opd.actors.engines.hf as hf
+    from opd.actors.engines import cpu_matmul
 
     config = Qwen3Config(vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64)
@@ -257,7 +257,7 @@ def test_preallocated_cache_layer_equals_transformers_dynamic_layer():
     (prefill, then single positions and a block), and refuses to write past its buffers."""
     from transformers.cache_utils import DynamicLayer
 
-    from actors.engines.hf import PreallocatedLayer
+    from opd.actors.engines.hf import PreallocatedLayer
 
     ours, theirs = PreallocatedLayer(9), DynamicLayer()
     g = torch.Generator().manual_seed(0)
@@ -318,7 +318,7 @@ def test_grouped_query_attention_for_one_position_equals_repeated_heads():
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from actors.engines.hf import gqa_sdpa_attention
+    from opd.actors.engines.hf import gqa_sdpa_attention
 
     g = torch.Generator().manual_seed(0)
     module = types.SimpleNamespace(num_key_value_groups=3, training=False, is_causal=True)

@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from actors.engines.hf import HFEngine
+from opd.actors.engines.hf import HFEngine
 from opd import toy
 from opd.batch import RolloutBatch
 from opd.config import DataConfig
 from opd.prompt_sets import build_prompt_set, student_ids
-from programs.evaluation import accuracy
+from opd.programs.evaluation import accuracy
 
 
 @pytest.fixture(scope="module")

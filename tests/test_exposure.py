@@ -11,7 +11,7 @@ import pytest
 LISTENERS = """
 import json, time
 import psutil, ray
-from cluster import topology
+from opd.cluster import topology
 from opd.config import tiny_cpu
 
 topology.connect(tiny_cpu())

@@ -12,8 +12,8 @@ import pytest
 import ray
 import torch
 
-import driver
-from actors.learner import LearnerActor
+from opd.programs import train
+from opd.actors.learner import LearnerActor
 from opd import checkpoint
 from conftest import CALM_STEPS
 from opd.config import override, tiny_cpu
@@ -29,7 +29,7 @@ def _run_dir_with_a_checkpoint(tmp_path):
 def test_disk_full_during_a_checkpoint_is_one_line_with_the_resume_command(tmp_path):
     run = _run_dir_with_a_checkpoint(tmp_path)
     full = OSError(errno.ENOSPC, "No space left on device", str(run / "checkpoints/.step_4.tmp-x/model.safetensors"))
-    line = driver.failure(full, run)
+    line = train.failure(full, run)
     assert line == (f"the run failed: No space left on device: {run}/checkpoints/.step_4.tmp-x/model.safetensors "
                     f"(traceback: {run / 'error.log'}); free disk space, then continue from step_2 with: "
                     f"python driver.py --resume {run}")
@@ -43,14 +43,14 @@ def test_an_actors_error_is_unwrapped(tmp_path):
         raise OSError(errno.EROFS, "Read-only file system", str(run / "checkpoints"))
     except OSError as e:
         wrapped = ray.exceptions.RayTaskError("LearnerActor.save_checkpoint", "Traceback ...\nOSError: ...", e)
-    line = driver.failure(wrapped, run)
+    line = train.failure(wrapped, run)
     assert line.startswith(f"the run failed: Read-only file system: {run}/checkpoints (traceback: ")
     assert line.endswith(f"; make {run} writable, then continue from step_2 with: python driver.py --resume {run}")
 
 
 def test_without_a_checkpoint_or_a_writable_run_directory(tmp_path):
     missing = tmp_path / "gone"  # error.log cannot be written there: the line says nothing of it
-    line = driver.failure(RuntimeError("something\nand more"), missing)
+    line = train.failure(RuntimeError("something\nand more"), missing)
     assert line == "the run failed: RuntimeError: something; fix that, then start the run again (it wrote no checkpoint)"
 
 
@@ -74,8 +74,8 @@ def test_a_failure_after_preflight_through_the_driver(root, tmp_path, calm_run):
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_non_finite_weights_after_a_step_stop_the_run(root):
     cfg = override(tiny_cpu(), "train.prompts_per_step=4")
-    from actors.rollout import RolloutActor
-    from actors.teacher import TeacherActor
+    from opd.actors.rollout import RolloutActor
+    from opd.actors.teacher import TeacherActor
 
     learner, teacher, rollout = LearnerActor(cfg), TeacherActor(cfg), RolloutActor(cfg)
     learner.set_teacher_head(teacher.output_head())

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from actors.learner import LearnerActor
-from actors.rollout import RolloutActor
-from actors.teacher import TeacherActor
+from opd.actors.learner import LearnerActor
+from opd.actors.rollout import RolloutActor
+from opd.actors.teacher import TeacherActor
 from conftest import toy_states
-from kernels.chunked import chunked_cross_entropy
-from kernels.reference import distill_loss
+from opd.kernels.chunked import chunked_cross_entropy
+from opd.kernels.reference import distill_loss
 from opd.batch import RolloutBatch
 from opd.config import ConfigError, override, tiny_cpu
 from opd.models import load_tokenizer

@@ -19,7 +19,7 @@ import pytest
 MIB = 1 << 20
 V, D = 32768, 64  # the [V, d] fp32 weight gradient: 8 MiB
 N = 1024  # and 4N = 4096: one [4N, V] fp32 block is 512 MiB (a planted [N, V] bug needs ~4 GiB at 4N)
-# kernels/chunked.py's "a few [chunk, V] fp32 blocks" as a number: 5 to 7 measured (2026-11, torch 2.13)
+# opd/kernels/chunked.py's "a few [chunk, V] fp32 blocks" as a number: 5 to 7 measured (2026-11, torch 2.13)
 BLOCKS = 8
 
 # Runs in a fresh `python -c` (cwd = the repository root). One thread: the measurement is about bytes, and the
@@ -28,7 +28,7 @@ _MEASURE = r"""
 import ctypes, json, sys, time
 import torch
 torch.set_num_threads(1)
-from kernels.chunked import chunked_divergence, chunked_sampled_rkl
+from opd.kernels.chunked import chunked_divergence, chunked_sampled_rkl
 
 which, n, v, d, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc
@@ -120,7 +120,7 @@ def test_chunked_extra_memory_does_not_grow_with_tokens(root, which, chunk):
     - size: extra(4N) <= 8 `[chunk, V]` fp32 blocks + 2 `[V, d]` + 2 `[4N, d]` fp32;
     - at the fixed chunk of 32 rows, extra(4N) < 1/8 of the `[4N, V]` fp32 logits (64 MiB).
     """
-    from kernels.chunked import default_chunk_size
+    from opd.kernels.chunked import default_chunk_size
 
     rows = chunk or default_chunk_size(V, D, "cpu")
     small, large = _peak_extra(root, which, N, chunk=chunk), _peak_extra(root, which, 4 * N, chunk=chunk)

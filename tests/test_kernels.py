@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels.chunked import chunked_divergence, chunked_sampled_rkl, chunked_token_logprobs, default_chunk_size
-from kernels.reference import distill_loss, divergence, masked_log_softmax, sampled_rkl_loss
+from opd.kernels.chunked import chunked_divergence, chunked_sampled_rkl, chunked_token_logprobs, default_chunk_size
+from opd.kernels.reference import distill_loss, divergence, masked_log_softmax, sampled_rkl_loss
 
 CASES = [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.0), ("jsd", 1.0)]
 

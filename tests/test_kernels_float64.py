@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from kernels.chunked import chunked_divergence, chunked_sampled_rkl, chunked_token_logprobs
+from opd.kernels.chunked import chunked_divergence, chunked_sampled_rkl, chunked_token_logprobs
 
 TOL = 1e-5
 N, D_S, D_T, CHUNK = 72, 64, 48, 32  # 32 does not divide 72: a short last chunk
@@ -33,7 +33,7 @@ def _inputs(vocab, seed=0):
 
 
 def _float64_loss_and_grads(h_s, w_s, h_t, w_t, weights, *, kind, beta, temperature, valid_vocab, num_tokens):
-    """The loss of kernels/reference.py, written out in float64 on the valid columns only."""
+    """The loss of opd/kernels/reference.py, written out in float64 on the valid columns only."""
     h, w = h_s.double().requires_grad_(), w_s.double().requires_grad_()
     logp = torch.log_softmax(h @ w[:valid_vocab].T / temperature, dim=-1)
     logq = torch.log_softmax(h_t.double() @ w_t[:valid_vocab].double().T / temperature, dim=-1)

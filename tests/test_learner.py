@@ -3,11 +3,11 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from actors.learner import LearnerActor
-from actors.rollout import RolloutActor
-from actors.teacher import TeacherActor
+from opd.actors.learner import LearnerActor
+from opd.actors.rollout import RolloutActor
+from opd.actors.teacher import TeacherActor
 from conftest import whole
-from kernels.reference import distill_loss, sampled_rkl_loss
+from opd.kernels.reference import distill_loss, sampled_rkl_loss
 from opd.config import override, tiny_cpu
 
 

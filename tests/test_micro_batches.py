@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors.engines.hf import HFEngine
-from actors.learner import LearnerActor
-from actors.teacher import TeacherActor
+from opd.actors.engines.hf import HFEngine
+from opd.actors.learner import LearnerActor
+from opd.actors.teacher import TeacherActor
 from conftest import whole
-from kernels.reference import distill_loss, sampled_rkl_loss
+from opd.kernels.reference import distill_loss, sampled_rkl_loss
 from opd.batch import RolloutBatch, group_rows, pack_sequences, padding_waste
 from opd.config import override, tiny_cpu
 

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from actors.learner import LearnerActor
-from actors.rollout import RolloutActor
-from actors.teacher import TeacherActor
+from opd.actors.learner import LearnerActor
+from opd.actors.rollout import RolloutActor
+from opd.actors.teacher import TeacherActor
 from conftest import toy_states
-from kernels.reference import distill_loss
+from opd.kernels.reference import distill_loss
 from opd import toy
 from opd.batch import DATASET, STUDENT, TEACHER, RolloutBatch
 from opd.config import ConfigError, override, tiny_cpu
@@ -110,7 +110,7 @@ def test_bad_settings_are_refused(setting, needle):
 
 
 def test_the_benchmark_refuses_off_policy_settings(root):
-    from programs.bench import prepare
+    from opd.programs.bench import prepare
 
     for setting in ("rollout.student_fraction=0.5", "data.gold_prefix_field=answer"):
         with pytest.raises(ConfigError, match="--bench times on-policy steps"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors.teacher import TeacherActor
+from opd.actors.teacher import TeacherActor
 from conftest import whole
 from opd.batch import RolloutBatch
 from opd.config import tiny_cpu

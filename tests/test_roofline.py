@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
-from kernels.chunked import chunked_divergence
+from opd.kernels.chunked import chunked_divergence
 from opd import roofline
 from opd.roofline import DecoderShape, Workload
 

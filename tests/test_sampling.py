@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from actors.engines.hf import HFEngine
+from opd.actors.engines.hf import HFEngine
 from sampling_check import CASES, P_MIN, PREFIX, check_first_token_distribution, chi_square_p
 
 

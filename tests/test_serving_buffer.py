@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM
 
-from transport.weights import FlatLayout, ServingBuffer, plan_buckets
+from opd.transport.weights import FlatLayout, ServingBuffer, plan_buckets
 
 
 def _model(root):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.engines.sglang import MEMORY_TAGS, SAMPLING_KEYS, SGLANG_CALLS, SGLangEngine, engine_kwargs
-from transport.sglang_weights import BUCKET_METADATA_FIELDS, DistributedUpdate, TensorBucketUpdate, flatten_bucket
+from opd.actors.engines.sglang import MEMORY_TAGS, SAMPLING_KEYS, SGLANG_CALLS, SGLangEngine, engine_kwargs
+from opd.transport.sglang_weights import BUCKET_METADATA_FIELDS, DistributedUpdate, TensorBucketUpdate, flatten_bucket
 
 EOS = 2
 
@@ -437,7 +437,7 @@ def _rollout_actor_with_fake(mode, streams=()):
     """A RolloutActor whose engine is the adapter around the fake (SGLangEngine.from_config needs a GPU)."""
     import dataclasses
 
-    from actors.rollout import RolloutActor
+    from opd.actors.rollout import RolloutActor
     from opd.config import preset
 
     cfg = preset("tiny_cpu")
@@ -451,7 +451,7 @@ def _rollout_actor_with_fake(mode, streams=()):
 
 @pytest.mark.filterwarnings("ignore:SGLangEngine.generate. seed is ignored")
 def test_rollout_actor_sync_and_memory_order_with_sglang():
-    from transport.weights import BroadcastSpec, FlatLayout, WeightUpdate
+    from opd.transport.weights import BroadcastSpec, FlatLayout, WeightUpdate
 
     actor, fake = _rollout_actor_with_fake("colocated", streams=[[5, 6, 7], [8, EOS]])
     assert actor.load_weights(WeightUpdate(1, sglang_buckets=(["payload-0"], ["payload-1"]))) == 1

@@ -105,11 +105,11 @@ def test_signals_stop_cleanly_and_the_run_resumes_exactly(root, tmp_path, calm_r
 
 def test_a_second_signal_stops_at_once(tmp_path):
     """The first signal asks for a stop at the step's end; the second raises at once, wherever the driver is."""
-    import driver
+    from opd.programs import train
     from opd.metrics import Interrupted
 
     said, before = [], signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs as a background job
-    with pytest.raises(Interrupted) as info, driver.StopSignals(said.append, tmp_path) as stop:
+    with pytest.raises(Interrupted) as info, train.StopSignals(said.append, tmp_path) as stop:
         os.kill(os.getpid(), signal.SIGINT)
         deadline = time.monotonic() + 10
         while stop.signum is None and time.monotonic() < deadline:  # the handler runs between bytecodes

@@ -1,4 +1,4 @@
-"""The study (`python -m programs.study`) end to end in its --quick form, and the running-sums task it adds."""
+"""The study (`python -m opd.programs.study`) end to end in its --quick form, and the running-sums task it adds."""
 
 import json
 import subprocess
@@ -36,8 +36,8 @@ def test_running_sums_assets_teacher_strong_student_weak(root):
 
 
 def test_quick_study_writes_the_plot_and_the_table(root, tmp_path):
-    """`python -m programs.study --quick` as typed: the PNG and the table, whose numbers are the runs' own records."""
-    done = subprocess.run([sys.executable, "-m", "programs.study", "--quick", "--out", str(tmp_path)], cwd=root,
+    """`python -m opd.programs.study --quick` as typed: the PNG and the table, whose numbers are the runs' own records."""
+    done = subprocess.run([sys.executable, "-m", "opd.programs.study", "--quick", "--out", str(tmp_path)], cwd=root,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     png = (tmp_path / "study.png").read_bytes()

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from cluster.placement import placement_plan
+from opd.cluster.placement import placement_plan
 from opd import modes
 from opd.config import ConfigError, preset
 

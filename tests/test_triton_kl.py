@@ -1,4 +1,4 @@
-"""kernels/triton_kl.py against its torch reference, on CPU under the Triton interpreter.
+"""opd/kernels/triton_kl.py against its torch reference, on CPU under the Triton interpreter.
 
 TRITON_INTERPRET=1 must be in the environment before the kernel is decorated (`triton.jit` decides at import
 whether to interpret), and this pytest process may already have imported kernels.triton_kl compiled for GPU
@@ -39,7 +39,7 @@ CASES = {
     "full_vocab-rkl": dict(kind="rkl", beta=0.5, dtype="float32", valid_vocab=V),
     "no_grad-jsd-0.5": dict(kind="jsd", beta=0.5, dtype="bfloat16", compute_grad=False),
 }
-# kernels/chunked.py driving the Triton rows (what runs on CUDA) against the materialised reference.
+# opd/kernels/chunked.py driving the Triton rows (what runs on CUDA) against the materialised reference.
 CHUNKED_CASES = {f"chunked_triton-{kind}-{beta}": dict(kind=kind, beta=beta) for kind, beta in KINDS[:4]}
 
 
@@ -62,7 +62,7 @@ def _report(name: str, got: torch.Tensor, want: torch.Tensor, tol: float, atol: 
 def _run_case(kind: str, beta: float, dtype: str, offset_s: float = 0.0, offset_t: float = 0.0,
               temperature: float = 1.7, valid_vocab: int = VALID_VOCAB, block_v: int | None = BLOCK_V,
               compute_grad: bool = True) -> None:
-    from kernels.triton_kl import ref_row_divergence, row_divergence_
+    from opd.kernels.triton_kl import ref_row_divergence, row_divergence_
 
     student, teacher, weights = _inputs(dtype, offset_s, offset_t)
     kw = dict(kind=kind, beta=beta, temperature=temperature, valid_vocab=valid_vocab, grad_scale=0.37)
@@ -86,8 +86,8 @@ def _run_case(kind: str, beta: float, dtype: str, offset_s: float = 0.0, offset_
 
 
 def _run_chunked_case(kind: str, beta: float) -> None:
-    from kernels.chunked import chunked_divergence
-    from kernels.reference import distill_loss
+    from opd.kernels.chunked import chunked_divergence
+    from opd.kernels.reference import distill_loss
 
     g = torch.Generator().manual_seed(1)
     h_s, w_s = torch.randn(13, 24, generator=g).requires_grad_(), torch.randn(V, 24, generator=g).requires_grad_()
@@ -122,7 +122,7 @@ def test_kernel_matches_reference_interpreted(interpreted_results, case):
 
 
 def test_input_validation():
-    from kernels.triton_kl import ref_row_divergence, row_divergence_
+    from opd.kernels.triton_kl import ref_row_divergence, row_divergence_
 
     student, teacher, weights = _inputs("float32")
     kw = dict(beta=0.5, temperature=1.0, valid_vocab=VALID_VOCAB, grad_scale=1.0)
@@ -144,11 +144,11 @@ def test_input_validation():
 
 
 def test_reference_matches_closed_form_gradients():
-    """Guards the oracle: its autograd gradient equals the closed forms of kernels/chunked.py's docstring."""
+    """Guards the oracle: its autograd gradient equals the closed forms of opd/kernels/chunked.py's docstring."""
     import math
 
-    from kernels.reference import masked_log_softmax
-    from kernels.triton_kl import ref_row_divergence
+    from opd.kernels.reference import masked_log_softmax
+    from opd.kernels.triton_kl import ref_row_divergence
 
     student, teacher, weights = _inputs("float32")
     for kind, beta in KINDS:

@@ -5,9 +5,9 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from actors.learner import LearnerActor
-from actors.rollout import RolloutActor
-from transport import weights
+from opd.actors.learner import LearnerActor
+from opd.actors.rollout import RolloutActor
+from opd.transport import weights
 from opd.config import override, tiny_cpu
 
 
@@ -73,7 +73,7 @@ def test_zero_copy_across_ray_actors(root, ray_local):
 def test_colocated_plumbing_on_cpu_serving_copy_refreshed_at_sync(root):
     """colocated mode's weight path, run on the CPU: the engine maps the learner's serving buffer once (by
     handle); an optimizer step changes only the fp32 master until export_weights refreshes the buffer."""
-    from actors.teacher import TeacherActor
+    from opd.actors.teacher import TeacherActor
 
     cfg = override(override(tiny_cpu(), "run.mode=colocated"), "run.device=cpu")
     learner, rollout, teacher = LearnerActor(cfg), RolloutActor(cfg), TeacherActor(cfg)

@@ -38,7 +38,7 @@ def needs(module: str, *, required: bool = True, why: str = ""):
 
 
 def nccl() -> None:
-    """torch's NCCL, which the split mode's groups use (transport/groups.py)."""
+    """torch's NCCL, which the split mode's groups use (opd/transport/groups.py)."""
     cuda()
     if not torch.distributed.is_nccl_available():
         pytest.fail(f"this torch ({torch.__version__}) has no NCCL, which split mode needs: {FIX}", pytrace=False)

@@ -1,4 +1,4 @@
-"""kernels/chunked.py on CUDA (Triton rows, and the torch rows) against the materialised reference at a realistic
+"""opd/kernels/chunked.py on CUDA (Triton rows, and the torch rows) against the materialised reference at a realistic
 vocabulary."""
 
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gpu_deps import needs
-from kernels.chunked import chunked_divergence
-from kernels.reference import distill_loss
+from opd.kernels.chunked import chunked_divergence
+from opd.kernels.reference import distill_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 1 CUDA GPU")
 

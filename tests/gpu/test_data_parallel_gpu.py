@@ -11,7 +11,7 @@ import torch
 from dp_pair import run_pair, sample, step
 from gpu_deps import cuda, nccl
 
-from actors.learner import LearnerActor
+from opd.actors.learner import LearnerActor
 from opd.config import override, tiny_cpu
 
 cuda(2)

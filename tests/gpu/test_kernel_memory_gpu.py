@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gpu_deps import needs
-from kernels.chunked import chunked_divergence, chunked_sampled_rkl
+from opd.kernels.chunked import chunked_divergence, chunked_sampled_rkl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from test_kernel_memory import assert_flat  # noqa: E402  (tests/ on the path: the CPU twin's bounds)
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 1 C
 MIB = 1 << 20
 V, D, CHUNK = 151936, 256, 128  # one [CHUNK, V] fp32 block: 74 MiB; one [V, D] fp32 tensor: 148 MiB
 N = 8192  # and 4N = 32768: one [4N, V] fp32 block is 18.5 GiB
-BLOCKS = 8  # kernels/chunked.py's "a few [chunk, V] fp32 blocks", as a number (as in the CPU twin)
+BLOCKS = 8  # opd/kernels/chunked.py's "a few [chunk, V] fp32 blocks", as a number (as in the CPU twin)
 
 
 def _require_triton() -> None:

@@ -31,7 +31,7 @@ def model_and_ids(root):
 def test_gpu_token_frequencies_follow_the_model(model_and_ids, sampler, case):
     if sampler == "flashinfer":
         needs("flashinfer", required=False, why="optional, rollout.sampler=auto falls back to torch")
-    from actors.engines.hf import HFEngine
+    from opd.actors.engines.hf import HFEngine
 
     model, tok, ids = model_and_ids
     engine = HFEngine(model, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, sampler=sampler)

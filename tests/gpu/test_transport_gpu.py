@@ -11,8 +11,8 @@ import torch
 import torch.multiprocessing as mp
 from gpu_deps import cuda, needs, nccl
 
-from transport import weights
-from transport.hidden_states import Outbox
+from opd.transport import weights
+from opd.transport.hidden_states import Outbox
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 1 CUDA GPU")
 
@@ -94,7 +94,7 @@ def test_decode_loop_on_gpu_reports_the_sampled_distribution(root, sampler):
         needs("flashinfer", required=False, why="optional, rollout.sampler=auto falls back to torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from actors.engines.hf import HFEngine
+    from opd.actors.engines.hf import HFEngine
 
     tok = AutoTokenizer.from_pretrained(root / "assets/toy/student")
     model = AutoModelForCausalLM.from_pretrained(root / "assets/toy/student", dtype=torch.float32).cuda()
@@ -112,7 +112,7 @@ def test_decode_loop_on_gpu_reports_the_sampled_distribution(root, sampler):
 
 def test_nccl_weight_broadcast_between_two_gpus(root):
     cuda(2)
-    nccl()  # torch's own NCCL (transport/groups.py); a torch without it fails here, it does not skip
+    nccl()  # torch's own NCCL (opd/transport/groups.py); a torch without it fails here, it does not skip
     ray = needs("ray", required=False, why="the two sides are Ray actors")
     import socket
     import sys

@@ -1,4 +1,4 @@
-"""kernels/triton_kl.py compiled on one CUDA GPU at a realistic size (Qwen2.5's vocabulary), against the torch
+"""opd/kernels/triton_kl.py compiled on one CUDA GPU at a realistic size (Qwen2.5's vocabulary), against the torch
 reference. The CPU interpreter runs of the same comparisons live in tests/test_triton_kl.py."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from gpu_deps import needs
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 1 CUDA GPU")
 needs("triton")  # the GPU loss kernel: on a CUDA machine a missing or broken triton fails here
 
-from kernels.triton_kl import ref_row_divergence, row_divergence_  # noqa: E402  (after the skip)
+from opd.kernels.triton_kl import ref_row_divergence, row_divergence_  # noqa: E402  (after the skip)
 
 # Qwen2.5-0.5B/1.5B/3B: 151936 output rows, 151646 tokenizer entries (the rest are padding, -inf here).
 C, V, VALID_VOCAB = 64, 151936, 151646

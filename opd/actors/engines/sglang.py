@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from opd.batch import FINISH_REASONS, RolloutBatch
-from transport.sglang_weights import Bucket, DistributedUpdate, TensorBucketUpdate, encode_flattened_bucket
+from opd.transport.sglang_weights import Bucket, DistributedUpdate, TensorBucketUpdate, encode_flattened_bucket
 
 # method -> the keywords this adapter passes to it (and no others): the contract with sglang's Engine
 SGLANG_CALLS: dict[str, frozenset[str]] = {

@@ -16,17 +16,17 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.learner import LearnerActor
-from actors.rollout import RolloutActor
-from actors.teacher import TeacherActor
-from cluster.placement import placement_plan
+from opd.actors.learner import LearnerActor
+from opd.actors.rollout import RolloutActor
+from opd.actors.teacher import TeacherActor
+from opd.cluster.placement import placement_plan
 from opd.batch import RolloutBatch
 from opd.config import PROJECT_ROOT, Config, ConfigError
 from opd.metrics import Interrupted, RunStopped
 from opd.modes import hidden_transport, uses_gpus
-from transport.groups import GroupSpec, free_endpoint
-from transport.hidden_states import HIDDEN_GROUP
-from transport.weights import WEIGHTS_GROUP
+from opd.transport.groups import GroupSpec, free_endpoint
+from opd.transport.hidden_states import HIDDEN_GROUP
+from opd.transport.weights import WEIGHTS_GROUP
 
 OWNER_ENV = "OPD_RAY_OWNER"  # a private Ray instance's processes carry their driver's pid
 PLACEMENT_TIMEOUT_S = 120
@@ -131,7 +131,7 @@ def collect(refs: list[ray.ObjectRef], timeout: float | None = None):
 @dataclass
 class Actors:
     """The run's actors and the phases of a step over them. The driver calls these and never sees how many
-    replicas there are or how tensors travel between them (cluster/placement.py, transport/)."""
+    replicas there are or how tensors travel between them (opd/cluster/placement.py, opd/transport/)."""
 
     cfg: Config
     rollouts: list[ray.actor.ActorHandle]
@@ -319,7 +319,7 @@ def running(cfg: Config) -> Iterator[Actors]:
 
 
 def launch(cfg: Config) -> Actors:
-    """One placement group per run, laid out by cluster/placement.py's plan for the mode; in split mode the
+    """One placement group per run, laid out by opd/cluster/placement.py's plan for the mode; in split mode the
     collective groups (learner -> engines for weights, teachers -> learner for hidden states) are joined here."""
     r, t0 = cfg.run, time.perf_counter()
     plan = placement_plan(r.mode, r.cpus_per_actor, use_gpus=uses_gpus(cfg), rollout_replicas=r.rollout_replicas,

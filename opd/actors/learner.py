@@ -1,7 +1,7 @@
 """LearnerActor: the student forward, the chunked divergence to the teacher, the optimizer step.
 
 One learner: its parameters live in a shared flat buffer that the cpu-mode rollout engine maps
-(transport/weights.py), so the optimizer step *is* the weight update; `export_weights` only says which version
+(opd/transport/weights.py), so the optimizer step *is* the weight update; `export_weights` only says which version
 that is. `run.learner_replicas=N`: N of these, rank 0..N-1, the student sharded across them by FSDP2
 (opd/data_parallel.py); each gathers the whole weights into its own serving buffer at a sync.
 """
@@ -16,15 +16,15 @@ from pathlib import Path
 import torch
 from transformers import get_scheduler
 
-from actors.common import actor_device, init_process, join_groups, load, special_ids
-from actors.common import memory_stats, reset_peak_memory, return_cached_memory
-from kernels.chunked import chunked_cross_entropy, chunked_divergence, chunked_sampled_rkl, chunked_token_logprobs
+from opd.actors.common import actor_device, init_process, join_groups, load, special_ids
+from opd.actors.common import memory_stats, reset_peak_memory, return_cached_memory
+from opd.kernels.chunked import chunked_cross_entropy, chunked_divergence, chunked_sampled_rkl, chunked_token_logprobs
 from opd import checkpoint, data_parallel
 from opd.batch import SOURCES, STUDENT, OutputHead, PackedRows, RolloutBatch, TeacherScores, padding_waste
 from opd.config import Config
 from opd.metrics import loss_metrics
 from opd.models import DTYPES, model_source
-from transport import hidden_states, weights
+from opd.transport import hidden_states, weights
 
 
 class LearnerActor:
@@ -82,7 +82,7 @@ class LearnerActor:
 
     def endpoint(self) -> tuple[str, int]:
         """An address and free port on this node for a torch.distributed rendezvous (rank 0 listens)."""
-        from transport.groups import free_endpoint
+        from opd.transport.groups import free_endpoint
 
         return free_endpoint()
 
@@ -113,7 +113,7 @@ class LearnerActor:
         if self.cfg.rollout.engine == "sglang":
             # Fresh IPC handles for each sync (sglang releases each one it opened); the buffer never moves, and
             # it is not rewritten before the next sync, after the engine has generated with these weights.
-            from transport.sglang_weights import encode_flattened_bucket
+            from opd.transport.sglang_weights import encode_flattened_bucket
 
             return weights.WeightUpdate(self.version, sglang_buckets=tuple(
                 encode_flattened_bucket([(n, t) for n, t in self.serving.named_views()[b.start:b.stop]], 1)

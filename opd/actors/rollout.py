@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from actors.common import actor_device, init_process, join_groups, load, special_ids
-from actors.common import memory_stats, reset_peak_memory, return_cached_memory
-from actors.engines.hf import HFEngine, resolve_sampler
+from opd.actors.common import actor_device, init_process, join_groups, load, special_ids
+from opd.actors.common import memory_stats, reset_peak_memory, return_cached_memory
+from opd.actors.engines.hf import HFEngine, resolve_sampler
 from opd.batch import RolloutBatch
 from opd.config import Config
 from opd.models import model_source
-from transport.weights import WeightUpdate
+from opd.transport.weights import WeightUpdate
 
 
 class RolloutActor:
@@ -18,7 +18,7 @@ class RolloutActor:
         eos_id, pad_id, _ = special_ids(cfg.model.student)
         self.sglang = cfg.rollout.engine == "sglang"
         if self.sglang:
-            from actors.engines.sglang import SGLangEngine
+            from opd.actors.engines.sglang import SGLangEngine
 
             self.engine = SGLangEngine.from_config(model_source(cfg.model.student), eos_id=eos_id,
                                                    mem_fraction_static=cfg.rollout.mem_fraction,
@@ -58,7 +58,7 @@ class RolloutActor:
     def load_weights(self, update: WeightUpdate) -> int:
         if not self.sglang:
             return self.engine.load_weights(update)  # maps the shared buffer / receives the broadcast
-        from transport.sglang_weights import DistributedUpdate, TensorBucketUpdate
+        from opd.transport.sglang_weights import DistributedUpdate, TensorBucketUpdate
 
         if update.sglang_buckets is not None:  # colocated: CUDA IPC handles to the learner's serving buffer
             return self.engine.load_weights(TensorBucketUpdate(update.version, buckets=update.sglang_buckets))

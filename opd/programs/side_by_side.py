@@ -1,6 +1,6 @@
 """This project next to TRL's on-policy distillation trainer, on the same CPU workload, in one command:
 
-    python -m programs.side_by_side              # creates .venv-trl (torch 2.13 + trl 1.16) on first use
+    python -m opd.programs.side_by_side              # creates .venv-trl (torch 2.13 + trl 1.16) on first use
 
 1. `.venv-trl/`: TRL in its own environment (not a dependency of this project); reused once it exists.
 2. Two Qwen3 models built from configs with seeded random weights, saved once (student 2 x 256, teacher
@@ -9,7 +9,7 @@
 3. The same workload for both: `--prompts` prompts of `--prompt-tokens` tokens, one response each of exactly
    `--response-tokens` tokens (end-of-sequence ignored), reverse KL over the full vocabulary (TRL: beta = 1),
    fp32, AdamW, `--threads` torch threads per process, `--warmup-steps` untimed steps then `--steps` timed.
-4. TRL's `DistillationTrainer` (programs/trl_peer.py, in .venv-trl) and `driver.py --bench` (cpu mode, Ray actors),
+4. TRL's `DistillationTrainer` (opd/programs/trl_peer.py, in .venv-trl) and `driver.py --bench` (cpu mode, Ray actors),
    one after the other; then the step-time and peak-memory ratios, printed and written to
    runs/side_by_side/<name>/side_by_side.json.
 
@@ -81,7 +81,7 @@ def run_trl(python: Path, student: Path, teacher: Path, out_dir: Path, args) -> 
     ids = torch.randint(3, args.vocab, (num_prompts, args.prompt_tokens), generator=generator).tolist()
     (out_dir / "prompts.json").write_text(json.dumps([" ".join(f"t{i}" for i in row) for row in ids]))
     out = out_dir / "trl.json"
-    subprocess.run([str(python), str(PROJECT_ROOT / "programs" / "trl_peer.py"), "--student", str(student),
+    subprocess.run([str(python), str(PROJECT_ROOT / "opd" / "programs" / "trl_peer.py"), "--student", str(student),
                     "--teacher", str(teacher), "--prompts", str(out_dir / "prompts.json"), "--out", str(out),
                     "--prompts-per-step", str(args.prompts), "--response-tokens", str(args.response_tokens),
                     "--warmup-steps", str(args.warmup_steps), "--steps", str(args.steps),
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     print("== opd driver.py --bench", flush=True)
     opd = run_opd(student, teacher, out_dir, args)
     result = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(["python -m programs.side_by_side", *(argv if argv is not None else sys.argv[1:])]),
+              "command": " ".join(["python -m opd.programs.side_by_side", *(argv if argv is not None else sys.argv[1:])]),
               "workload": {"prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
                            "response_tokens": args.response_tokens, "vocab": args.vocab, "threads": args.threads,
                            "warmup_steps": args.warmup_steps, "steps": args.steps, "opd_compile": args.compile,

@@ -19,10 +19,10 @@ from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from actors.engines import cpu_matmul
-from actors.engines.cpu_matmul import cpu_project, few_row_projections, few_rows_linear, fixed_path, head_rows
+from opd.actors.engines import cpu_matmul
+from opd.actors.engines.cpu_matmul import cpu_project, few_row_projections, few_rows_linear, fixed_path, head_rows
 from opd.batch import RolloutBatch
-from transport.weights import (ServingBuffer, WeightUpdate, attach_parameters, attach_serving, bind_to_buffer,
+from opd.transport.weights import (ServingBuffer, WeightUpdate, attach_parameters, attach_serving, bind_to_buffer,
                                broadcast_buckets)
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from transport import groups
-from transport.weights import open_handle, share_handle
+from opd.transport import groups
+from opd.transport.weights import open_handle, share_handle
 
 HIDDEN_GROUP = "opd-hidden"  # the learner is rank 0, teacher replica i is rank 1 + i
 

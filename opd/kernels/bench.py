@@ -1,8 +1,8 @@
 """Speed and peak memory of the distillation loss: materialised reference vs chunked (vs peers if installed).
 
-    python -m kernels.bench                                   # CPU grid: N in {1k, 4k}, V in {32k, 152k}, d 256
-    python -m kernels.bench --n 4096 --v 32000 --d 256 --out bench.json
-    python -m kernels.bench --device cuda --dtype bfloat16 --n 1024 4096 16384 --d 1536
+    python -m opd.kernels.bench                                   # CPU grid: N in {1k, 4k}, V in {32k, 152k}, d 256
+    python -m opd.kernels.bench --n 4096 --v 32000 --d 256 --out bench.json
+    python -m opd.kernels.bench --device cuda --dtype bfloat16 --n 1024 4096 16384 --d 1536
 
 Each measurement runs in a fresh subprocess so that one case's allocations cannot hide another's: forward +
 backward of the loss (student hidden states and output weight get gradients), median of `--repeats` after one
@@ -32,12 +32,12 @@ IMPLEMENTATIONS = ("reference", "chunked", "chunked_torch", "liger")
 def _loss_fn(impl: str, kind: str, num_tokens: int, chunk_size: int):
     """The loss as a function of (h_s, w_s, h_t, w_t), or None when that peer is not installed."""
     if impl == "reference":
-        from kernels.reference import distill_loss
+        from opd.kernels.reference import distill_loss
 
         return lambda h_s, w_s, h_t, w_t, ones: distill_loss(h_s, w_s, h_t, w_t, ones, kind=kind,
                                                               num_tokens=num_tokens)
     if impl in ("chunked", "chunked_torch"):  # chunked: Triton rows on CUDA; chunked_torch: torch rows always
-        from kernels.chunked import chunked_divergence
+        from opd.kernels.chunked import chunked_divergence
 
         backend = "torch" if impl == "chunked_torch" else "auto"
         return lambda h_s, w_s, h_t, w_t, ones: chunked_divergence(h_s, w_s, h_t, w_t, ones, kind=kind,
@@ -150,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                 if not _fits(impl, n, v, args.device):
                     case["skipped"] = "does not fit in memory"
                 else:
-                    cmd = [sys.executable, "-m", "kernels.bench", "--single", "--impl", impl, "--n", str(n), "--v",
+                    cmd = [sys.executable, "-m", "opd.kernels.bench", "--single", "--impl", impl, "--n", str(n), "--v",
                            str(v), "--d", str(args.d), "--kind", args.kind, "--device", args.device, "--dtype",
                            args.dtype, "--repeats", str(args.repeats), "--chunk-size", str(args.chunk_size),
                            "--threads", str(args.threads)]
-                    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+                    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
                     if out.returncode != 0:
                         case["skipped"] = "failed: " + (out.stderr.strip().splitlines() or ["?"])[-1]
                     else:

@@ -204,11 +204,11 @@ def broadcast_buckets(buffer: ServingBuffer, buckets: list[range] | tuple[range,
     engine rank receives each bucket straight into its own buffer (an hf engine whose parameters are the
     buffer's views, see `bind_to_buffer`, then holds the new weights with no further copy).
 
-    NCCL on GPUs, gloo on CPU (torch.distributed, transport/groups.py). An NCCL broadcast returns once it is
+    NCCL on GPUs, gloo on CPU (torch.distributed, opd/transport/groups.py). An NCCL broadcast returns once it is
     enqueued on NCCL's stream: the host waits for it before the buffer is refreshed again.
     `process_group`: a torch.distributed group instead (the learner's end of an sglang weight-update group).
     """
-    from transport import groups
+    from opd.transport import groups
 
     for indices in buckets:
         tensor, _ = buffer.bucket(indices)

@@ -1,4 +1,4 @@
-"""Triton kernel for the per-row work of the chunked divergence (kernels/chunked.py): one program per row.
+"""Triton kernel for the per-row work of the chunked divergence (opd/kernels/chunked.py): one program per row.
 
 Given one chunk of raw student and teacher logits `[C, V]`, each program streams its row through the
 vocabulary in `BLOCK_V` tiles, three times:
@@ -9,7 +9,7 @@ vocabulary in `BLOCK_V` tiles, three times:
     pass 3  the gradient wrt the raw student logits, written over the student row in place
 
 so a chunk costs three reads of both rows and one write, with no `[C, V]` fp32 temporaries. The gradient math
-is the one in kernels/chunked.py's docstring (p = p_S, q = p_T, s = z / T):
+is the one in opd/kernels/chunked.py's docstring (p = p_S, q = p_T, s = z / T):
 
     fkl  d/ds = p - q
     rkl  d/ds = p * (log p - log q - rkl)
@@ -34,7 +34,7 @@ import math
 import torch
 from torch import Tensor
 
-from kernels.reference import KINDS, divergence, entropy
+from opd.kernels.reference import KINDS, divergence, entropy
 
 try:  # triton is optional on CPU machines (pyproject's `gpu` extra); the torch reference works without it.
     import triton
@@ -192,7 +192,7 @@ def row_divergence_(student_CV: Tensor, teacher_CV: Tensor, weights_C: Tensor, *
 
     student_CV, teacher_CV: raw logits `[C, V]`, contiguous, fp32 / bf16 / fp16 (computed in fp32); columns
     >= valid_vocab are treated as -inf on both sides. weights_C: per-row weights `[C]`.
-    Returns `rows` `[C]` fp32 (unweighted divergence of `kind`, see kernels/reference.py) and `stats` `[C, 3]`
+    Returns `rows` `[C]` fp32 (unweighted divergence of `kind`, see opd/kernels/reference.py) and `stats` `[C, 3]`
     fp32 (unweighted forward KL, reverse KL, student entropy per row).
     If compute_grad, overwrites student_CV (in its own dtype) with d/dz of `sum_i weights_i * rows_i *
     grad_scale`; padded columns get 0. block_v: vocabulary tile (power of two), None = automatic.

@@ -1,4 +1,4 @@
-"""The TRL side of `python -m programs.side_by_side`: TRL's on-policy distillation trainer on the same models and
+"""The TRL side of `python -m opd.programs.side_by_side`: TRL's on-policy distillation trainer on the same models and
 workload, timed per step. Runs in the side-by-side's own environment (.venv-trl: torch + trl, not a project
 dependency), so it imports nothing from this project.
 
@@ -9,7 +9,7 @@ generalised JSD (beta = 1: reverse KL) with its chunked kernel from the two mode
 heads, then AdamW. The settings below make its work match this project's step: fp32, no gradient
 checkpointing, fixed-length completions (`min_new_tokens`), temperature 1, no top-k / top-p.
 
-    .venv-trl/bin/python programs/trl_peer.py --student S --teacher T --prompts prompts.json --out trl.json ...
+    .venv-trl/bin/python opd/programs/trl_peer.py --student S --teacher T --prompts prompts.json --out trl.json ...
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import os
 import sys
 import time
 
-# Run as a script, its folder (opd/) would come first on sys.path, and opd/prompt_files.py would shadow the
-# `datasets` package TRL imports.
+# Run as a script, its folder (opd/programs/) would come first on sys.path, and a module of it (train.py, cli.py,
+# evaluation.py, ...) could shadow a top-level module TRL or its dependencies import.
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 

@@ -96,7 +96,7 @@ def run_bench(cfg: Config) -> dict:
     cfg, run_dir, valid_vocab = prepare(cfg)  # every refusal happens here, before Ray starts
     import ray
 
-    from cluster import topology
+    from opd.cluster import topology
     from opd.metrics import write_json_atomic
 
     with topology.running(cfg) as actors:

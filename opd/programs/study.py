@@ -1,4 +1,4 @@
-"""`python -m programs.study`: which samples and which loss distil best, at equal teacher compute.
+"""`python -m opd.programs.study`: which samples and which loss distil best, at equal teacher compute.
 
 On the embedded addition (opd/toy.py) and the running sums (opd/chain.py, built to expose compounding errors),
 with one seed: the four losses on the student's own samples (fkl, rkl, jsd(0.5), sampled_rkl); the reverse KL on
@@ -88,9 +88,9 @@ def run_all(args) -> dict:
     """Every run of the study (skipping those already complete under --out), through one Ray instance."""
     import ray
 
-    import driver
-    from cluster.topology import connect
     from opd import chain
+    from opd.cluster.topology import connect
+    from opd.programs import train
 
     chain.ensure_assets(PROJECT_ROOT / "assets" / "chain")
     plan = []
@@ -116,12 +116,12 @@ def run_all(args) -> dict:
             if not done.is_file() or json.loads(done.read_text()) != argv:
                 if run_dir.exists():
                     shutil.rmtree(run_dir)
-                cfg = driver.parse_args(argv)
+                cfg = train.parse_args(argv)
                 if started is None:
                     started = connect(cfg)
                 print(f"study: run {i + 1}/{len(plan)}: {task.name} / {label} / seed {seed}", flush=True)
                 t0 = time.perf_counter()
-                driver.run(cfg)
+                train.run(cfg)
                 print(f"study: {run_name} done in {time.perf_counter() - t0:.0f} s", flush=True)
                 done.write_text(json.dumps(argv))
             results.append({"task": task.name, "run": name, "label": label, "seed": seed,
@@ -216,7 +216,7 @@ def plot(study: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m programs.study", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m opd.programs.study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "runs" / "study")
     parser.add_argument("--quick", action="store_true",
                         help="the addition only, three runs, a few steps (the tests)")

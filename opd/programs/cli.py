@@ -18,9 +18,9 @@ import sys
 
 
 # command -> (the module whose main() runs it, arguments put before the user's); imported only when used
-COMMANDS = {"train": ("driver", []), "bench": ("driver", ["--bench"]), "report": ("opd.report", []),
-            "memory": ("opd.memory", []), "kernels-bench": ("kernels.bench", []),
-            "side-by-side": ("programs.side_by_side", []), "doctor": ("opd.doctor", [])}
+COMMANDS = {"train": ("opd.programs.train", []), "bench": ("opd.programs.train", ["--bench"]), "report": ("opd.report", []),
+            "memory": ("opd.memory", []), "kernels-bench": ("opd.kernels.bench", []),
+            "side-by-side": ("opd.programs.side_by_side", []), "doctor": ("opd.doctor", [])}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,14 +8,14 @@ from collections.abc import Iterator
 
 import torch
 
-from actors.common import actor_device, init_process, join_groups, load, special_ids
-from actors.common import memory_stats, reset_peak_memory, return_cached_memory
-from actors.engines.hf import HFEngine
-from kernels.chunked import chunked_token_logprobs
+from opd.actors.common import actor_device, init_process, join_groups, load, special_ids
+from opd.actors.common import memory_stats, reset_peak_memory, return_cached_memory
+from opd.actors.engines.hf import HFEngine
+from opd.kernels.chunked import chunked_token_logprobs
 from opd.batch import TEACHER, OutputHead, RolloutBatch, TeacherScores, group_rows
 from opd.config import Config
 from opd.modes import hidden_transport
-from transport.hidden_states import Outbox
+from opd.transport.hidden_states import Outbox
 
 
 class TeacherActor:

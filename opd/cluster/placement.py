@@ -1,5 +1,5 @@
 """Where each actor goes: the run's placement group, its bundles and each replica's share of them, per mode.
-Computed before Ray starts (this module does not import Ray); cluster/topology.py makes the group."""
+Computed before Ray starts (this module does not import Ray); opd/cluster/topology.py makes the group."""
 
 from __future__ import annotations
 

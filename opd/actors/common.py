@@ -33,7 +33,7 @@ def return_cached_memory(cfg: Config, device: torch.device) -> None:
 
 def join_groups(self, spec, me: int) -> None:
     """split mode (an actor method): join the run's collective groups as global member `me`."""
-    from transport import groups
+    from opd.transport import groups
 
     groups.join(spec, me)
 

@@ -46,7 +46,7 @@ def _row_function(device: torch.device, backend: str):
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return torch_row_divergence_
     try:
-        from kernels.triton_kl import row_divergence_
+        from opd.kernels.triton_kl import row_divergence_
     except ImportError:
         if backend == "triton":
             raise
@@ -71,7 +71,7 @@ def _log_softmax_and_softmax(z_CV: Tensor, temperature: float) -> tuple[Tensor, 
     Not `torch.log_softmax(z).exp()`: on CPU its sum of exponentials accumulates in fp32 vector lanes, which at
     V=151936 shifted whole rows of log p by up to 1.6e-6 against float64 (3e-7 with `.sum(-1)` here). A shift
     of log p_S that log p_T does not share is an absolute error of the divergence, large beside a small KL.
-    Shifted form, as in kernels/triton_kl.py: log p = (s - max) - log sum exp(s - max), and p = e / sum e.
+    Shifted form, as in opd/kernels/triton_kl.py: log p = (s - max) - log sum exp(s - max), and p = e / sum e.
     """
     s = z_CV.to(torch.float32, copy=True)
     if temperature != 1.0:
@@ -89,7 +89,7 @@ def torch_row_divergence_(student_CV: Tensor, teacher_CV: Tensor, weights_C: Ten
     """The per-row work in torch (any device): returns per-row divergence `[C]` and per-row (forward KL,
     reverse KL, student entropy) `[C, 3]`, unweighted, and overwrites `student_CV` with
     d(sum_i weights_i * rows_i * grad_scale) / d(student logits). All columns are valid here (the caller cut
-    the vocabulary). Same contract as kernels/triton_kl.py's `row_divergence_`.
+    the vocabulary). Same contract as opd/kernels/triton_kl.py's `row_divergence_`.
 
     Written for memory traffic: every [C, V] pass costs about the same, so the row sums' products and then the
     gradient are built in one scratch block, the student's own buffer when it is fp32 and may be overwritten.
@@ -202,13 +202,13 @@ def chunked_divergence(h_s_Nd: Tensor, w_s_Vd: Tensor, h_t_Nd: Tensor, w_t_Vd: T
                        kind: str, num_tokens: float, beta: float = 0.5, temperature: float = 1.0,
                        valid_vocab: int | None = None, chunk_size: int = 0, backend: str = "auto",
                        operand_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """Loss `sum_i weight_i * D_i / num_tokens` (see kernels/reference.py) and detached weighted sums
+    """Loss `sum_i weight_i * D_i / num_tokens` (see opd/kernels/reference.py) and detached weighted sums
     `[3]` of forward KL, reverse KL and student entropy (divide by the token count for means).
 
     h_s_Nd: student final hidden states; w_s_Vd: student output weight (gets a gradient, tied or not);
     h_t_Nd, w_t_Vd: teacher hidden states and output weight (no gradient); weights_N: per-token weights;
     valid_vocab: the tokenizer's size (<= both row counts); chunk_size: tokens per chunk, 0 = automatic;
-    backend: the per-row work in "torch" or "triton" (kernels/triton_kl.py); "auto" = Triton on CUDA;
+    backend: the per-row work in "torch" or "triton" (opd/kernels/triton_kl.py); "auto" = Triton on CUDA;
     operand_dtype: the projections' operands (torch.bfloat16: bf16 GEMMs accumulating in fp32 with fp32 logits;
     softmax, divergences and the gradients' accumulators are fp32 either way).
     """
@@ -276,7 +276,7 @@ def chunked_cross_entropy(h_s_Nd: Tensor, w_s_Vd: Tensor, token_ids_N: Tensor, w
 
 
 class ChunkedSampledRKL(_GradsInForward):
-    """Sampled-token reverse KL (see kernels/reference.py `sampled_rkl_loss`) in one pass over token chunks.
+    """Sampled-token reverse KL (see opd/kernels/reference.py `sampled_rkl_loss`) in one pass over token chunks.
 
     d loss / d log p_S(y_t) = g_t = -(w_t / num_tokens) * A_t * r_t where the unclipped branch is the minimum
     (0 where the clipped one is); d log p_S(y_t) / d z = (onehot(y_t) - p_S) / T.
