@@ -22,6 +22,7 @@ import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -63,20 +64,81 @@ def _first(*dists: str) -> tuple[str, str | None]:
 # ---------------------------------------------------------------- versions
 
 
+MIN_PYTHON = (3, 11)  # sglang 0.5.23 requires it (pyproject.toml's requires-python follows)
+MIN_GLIBC = (2, 34)  # sglang 0.5.23 and its kernels ship manylinux_2_34 wheels only
+MODEL_CLASSES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")  # the families the presets load
+
+
 def package_checks() -> list[Check]:
-    out = [Check("python", "ok" if sys.version_info >= (3, 10) else "fail", platform.python_version(),
-                 "" if sys.version_info >= (3, 10) else "Python 3.10 or newer")]
+    ok_python = sys.version_info >= MIN_PYTHON
+    out = [Check("python", "ok" if ok_python else "fail", platform.python_version(),
+                 "" if ok_python else "Python 3.11 or newer (sglang 0.5.23, the GPU engine, requires it)"), _glibc_check()]
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
     out.append(Check("torch", "ok", f"{torch.__version__} ({build})"))
-    for dist, module in (("transformers", "transformers"), ("ray", "ray"), ("pyarrow", "pyarrow")):
+    out.append(_transformers_check())
+    for dist in ("ray", "pyarrow"):
         version = installed(dist)
         status = "ok" if version else "fail"
         out.append(Check(dist, status, version or "not installed", "" if version else "pip install -e ."))
-    out += [_sglang_check(torch.__version__), _optional("flashinfer", ("flashinfer-python",), "flashinfer",
-                                                         "the decode loop's GPU sampler; torch's is used without it"),
+    out += [_kernels_check(), _sglang_check(torch.__version__),
+            _optional("flashinfer", ("flashinfer-python",), "flashinfer",
+                      "the decode loop's GPU sampler; torch's is used without it"),
             _optional("triton", ("triton",), "triton", "the GPU loss kernel; the chunked torch path without it"),
             _cupy_check()]
     return out
+
+
+def _glibc_check() -> Check:
+    libc, version = platform.libc_ver()
+    have = tuple(int(x) for x in version.split(".")[:2]) if libc == "glibc" and version else None
+    if have is None:
+        return Check("glibc", "skip", f"not glibc ({libc or 'unknown'}): sglang's manylinux_2_34 wheels need glibc "
+                     f">= 2.34 (the GPU modes)")
+    if have < MIN_GLIBC:
+        return Check("glibc", "skip", f"{version}: the GPU install cannot run here (sglang 0.5.23 ships "
+                     f"manylinux_2_34 wheels: glibc >= 2.34, e.g. Ubuntu 22.04 has 2.35, Debian 12 2.36)")
+    return Check("glibc", "ok", version)
+
+
+def _transformers_check() -> Check:
+    """Installed, and its model classes import: they import the PyPI `kernels` whenever it is installed, which
+    a `kernels` module first on sys.path (a folder of that name where Python starts) shadows."""
+    version = installed("transformers")
+    if version is None:
+        return Check("transformers", "fail", "not installed", "pip install -c constraints.txt -e .")
+    try:
+        import transformers
+
+        for name in MODEL_CLASSES:
+            getattr(transformers, name)  # the lazy module imports the model's file (and hub kernels) here
+    except Exception as e:
+        error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        spec = importlib.util.find_spec("kernels") if installed("kernels") else None
+        shadow = spec is not None and not is_pypi_kernels(spec.origin)
+        return Check("transformers", "fail", f"{version}, but its models do not import ({error})",
+                     f"{spec.origin} shadows the PyPI kernels library transformers imports: run from a folder without "
+                     f"a top-level kernels/ (or rename it)" if shadow else "pip install -c constraints.txt -e .")
+    return Check("transformers", "ok", f"{version} ({', '.join(MODEL_CLASSES)} import)")
+
+
+def is_pypi_kernels(origin: str | None) -> bool:
+    """Whether `origin` (the file `import kernels` runs) is one of the installed PyPI distribution's files."""
+    dist = importlib.metadata.distribution("kernels")
+    return origin is not None and any(Path(str(dist.locate_file(f))).resolve() == Path(origin).resolve()
+                                      for f in dist.files or [] if f.name == "__init__.py")
+
+
+def _kernels_check() -> Check:
+    """PyPI `kernels`, which transformers (>= 5.25 depends on it) and sglang import: the one `import kernels` finds."""
+    version = installed("kernels")
+    if version is None:
+        return Check("kernels", "ok", "not installed (transformers < 5.25 and the cpu mode do without it)")
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or not is_pypi_kernels(spec.origin):
+        where = spec.origin if spec else "nothing"
+        return Check("kernels", "fail", f"PyPI kernels {version} is installed, but `import kernels` finds {where}",
+                     "run from a folder without a top-level kernels/ (or rename it)")
+    return Check("kernels", "ok", f"{version} (PyPI's, the one transformers and sglang import)")
 
 
 def _optional(name: str, dists: tuple[str, ...], module: str, role: str) -> Check:
@@ -143,16 +205,7 @@ def device_checks() -> list[Check]:
         nccl = Check("nccl", "ok", "torch's NCCL {}".format(".".join(map(str, torch.cuda.nccl.version()))))
     else:
         nccl = Check("nccl", "fail", "this torch has no NCCL", "install a CUDA build of torch: pip install -e '.[gpu]'")
-    return [gpus, nccl, _shadow_check()]
-
-
-def _shadow_check() -> Check:
-    """The project's `kernels/` comes first on the path, where sglang's requirements also put PyPI's `kernels`."""
-    if installed("kernels") is None:
-        return Check("kernels", "ok", "only the project's kernels/ is installed under that name")
-    return Check("kernels", "ok", f"the project's kernels/ shadows PyPI kernels {installed('kernels')}: harmless, "
-                 f"sglang {SGLANG_PIN} imports it only for hub FlashAttention-3 kernels, off by default and caught "
-                 f"(tests/test_doctor.py)")
+    return [gpus, nccl]
 
 
 def mode_checks(checks: list[Check]) -> list[Check]:

@@ -161,7 +161,7 @@ def test_h20_cluster_yaml_is_a_valid_ray_cluster_config(root):
     import yaml
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    config = yaml.safe_load((root / "cluster" / "h20x2.yaml").read_text())
+    config = yaml.safe_load((root / "opd" / "cluster" / "h20x2.yaml").read_text())
     validate_config(prepare_config(config))  # raises on an unknown or mistyped field
     assert config["provider"]["type"] == "local" and config["max_workers"] == 0
     assert any("--head" in c and "--num-gpus=2" in c for c in config["head_start_ray_commands"])

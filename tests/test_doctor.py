@@ -1,12 +1,13 @@
 """`python -m opd.doctor` on this CPU machine, and on simulated machines: a broken or missing cupy, a CUDA-less
 torch beside a GPU, a driver too old for torch's CUDA, a missing sglang; the `gpu` extra against sglang's own
-requirements; the PyPI `kernels` package that the project's `kernels/` shadows; tests/gpu failing, not skipping,
-on a broken GPU dependency."""
+requirements; the PyPI `kernels` package, and a `kernels/` folder that would shadow it; tests/gpu failing, not
+skipping, on a broken GPU dependency."""
 
 from __future__ import annotations
 
 import ast
 import importlib.metadata
+import importlib.util
 import json
 import re
 import subprocess
@@ -45,7 +46,11 @@ def test_doctor_as_the_readme_types_it(root):
     assert len(out.stdout.splitlines()) <= 30, "one screen"
     lines = _lines(out.stdout)
     assert lines["torch"] == ("ok", f"{torch.__version__} (CPU build)")
-    assert lines["transformers"] == ("ok", importlib.metadata.version("transformers"))
+    assert lines["transformers"] == ("ok", f"{importlib.metadata.version('transformers')} ({', '.join(doctor.MODEL_CLASSES)} "
+                                           f"import)")
+    assert lines["kernels"] == ("ok", f"{importlib.metadata.version('kernels')} (PyPI's, the one transformers and sglang "
+                                      f"import)")
+    assert lines["glibc"][0] == "ok"
     assert lines["ray"] == ("ok", importlib.metadata.version("ray"))
     assert lines["python"][1] == ".".join(map(str, sys.version_info[:3]))
     # the test command installs sglang without its dependencies: the doctor says so, with what is missing
@@ -189,13 +194,54 @@ def test_the_cuda_check_sees_a_cupy_for_the_wrong_cuda():
     assert _cuda_majors([Requirement("cupy-cuda12x"), Requirement("flashinfer-python[cu13]==0.7.2")]) == {12, 13}
 
 
-# ---------------------------------------------------------------- PyPI `kernels`, shadowed by the project's
+# ---------------------------------------------------------------- PyPI `kernels` and what would shadow it
 
 
-def test_the_shadowed_pypi_kernels_is_harmless_to_sglang(root):
-    """sglang 0.5.23 imports PyPI `kernels` in one place: FlashAttention-3 from the hub, behind
-    SGLANG_USE_SGL_FA3_KERNEL (default on: sgl-kernel's own FA3 instead) and inside a try that falls back to
-    sgl-kernel on any exception. The project's `kernels/`, first on the path, makes that import raise."""
+def test_the_doctor_sees_a_kernels_folder_that_shadows_pypi_kernels(tmp_path):
+    """The project's layout before 2026-12-07, in a folder of its own: a top-level `kernels/` where Python starts.
+    The doctor names the shadow, and says whether transformers' models still import there: transformers >= 5.25
+    imports PyPI `kernels` with them and fails (mode cpu not ready), 5.19 (sglang's pin) does not (the doctor
+    had said `ready` and the shadow `harmless` either way, without trying)."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text('"""a folder of a project, not the PyPI library"""\n')
+    out = subprocess.run([sys.executable, "-m", "opd.doctor"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = _lines(out.stdout)
+    shadow = str(tmp_path / "kernels" / "__init__.py")
+    assert lines["kernels"] == ("FAIL", f"PyPI kernels {importlib.metadata.version('kernels')} is installed, but "
+                                        f"`import kernels` finds {shadow}")
+    models = subprocess.run([sys.executable, "-c", "import transformers; transformers.Qwen3ForCausalLM"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    if models.returncode == 0:
+        assert lines["transformers"][0] == "ok" and lines["mode cpu"] == ("ok", "ready")
+    else:
+        assert lines["transformers"][0] == "FAIL" and "its models do not import (" in lines["transformers"][1]
+        assert f"{shadow} shadows the PyPI kernels library transformers imports" in out.stdout
+        assert lines["mode cpu"] == ("FAIL", "missing: transformers")
+
+
+def test_a_model_class_that_does_not_import_fails_the_transformers_check(monkeypatch, tmp_path):
+    """transformers installed but a model class failing to import (as with a shadowed `kernels` under
+    transformers >= 5.25): FAIL, with the shadow named when `import kernels` finds one."""
+    monkeypatch.setattr(doctor, "MODEL_CLASSES", ("Qwen3ForCausalLM", "NoSuchModelForCausalLM"))
+    check = doctor._transformers_check()
+    assert check.status == "fail" and "but its models do not import (AttributeError" in check.detail
+    assert check.fix == "pip install -c constraints.txt -e ."
+    shadow = tmp_path / "kernels" / "__init__.py"
+    shadow.parent.mkdir()
+    shadow.write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "kernels", raising=False)
+    check = doctor._transformers_check()
+    assert check.fix.startswith(f"{shadow} shadows the PyPI kernels library transformers imports")
+    assert doctor._kernels_check().status == "fail"
+
+
+def test_sglangs_import_of_pypi_kernels_finds_it(root):
+    """sglang 0.5.23 imports PyPI `kernels` in one place (FlashAttention-3 from the hub, behind
+    SGLANG_USE_SGL_FA3_KERNEL); from the project's root those names import (a top-level `kernels/` of the
+    project's made that import raise, and sglang fell back with a warning)."""
     spec = importlib.util.find_spec("sglang")
     base = Path(spec.submodule_search_locations[0])
     sites = []
@@ -208,22 +254,15 @@ def test_the_shadowed_pypi_kernels_is_harmless_to_sglang(root):
             warnings.simplefilter("ignore", DeprecationWarning)
             tree = ast.parse(text)
         for node in ast.walk(tree):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
-            if any(n == "kernels" or n.startswith("kernels.") for n in names):
-                sites.append((path.relative_to(base).as_posix(), node.lineno))
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "kernels":
+                sites.append((path.relative_to(base).as_posix(), node.module, [a.name for a in node.names]))
+            elif isinstance(node, ast.Import) and any(a.name.split(".")[0] == "kernels" for a in node.names):
+                sites.append((path.relative_to(base).as_posix(), None, [a.name for a in node.names]))
     assert [s[0] for s in sites] == ["kernels/ops/attention/flash_attention_v3.py"], sites
-    source = (base / sites[0][0]).read_text()
-    function = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)
-                    and n.lineno < sites[0][1] <= n.end_lineno)
-    body = ast.get_source_segment(source, function)
-    assert body.index("SGLANG_USE_SGL_FA3_KERNEL") < body.index("from kernels import")
-    tries = [n for n in ast.walk(function) if isinstance(n, ast.Try) and n.lineno < sites[0][1] <= n.end_lineno]
-    assert tries and any(h.type is not None and ast.unparse(h.type) == "Exception" for h in tries[0].handlers)
-    assert re.search(r"SGLANG_USE_SGL_FA3_KERNEL = EnvBool\(True\)", (base / "srt/environ.py").read_text())
-    out = subprocess.run([sys.executable, "-c", "from kernels import get_kernel, load_kernel"], cwd=root,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "ImportError: cannot import name 'get_kernel'" in out.stderr
+    (_, module, names), = sites
+    code = f"from {module} import {', '.join(names)}" if module else f"import {', '.join(names)}"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, (code, out.stderr[-2000:])
 
 
 # ---------------------------------------------------------------- tests/gpu on a broken GPU machine
@@ -291,11 +330,12 @@ def test_a_roof_far_below_the_datasheet_fails(measured, status, monkeypatch):
 
 
 def test_the_doctor_runs_on_a_box_with_only_torch_triton_and_transformers(root):
-    """A lent GPU box has torch, triton and transformers, no Ray, pyarrow, sglang, PyYAML: the doctor must run
-    there and say what is missing. Simulated: those packages neither import nor appear installed."""
+    """A lent GPU box has torch, triton and transformers, no Ray, pyarrow, sglang: the doctor must run there and
+    say what is missing. Simulated: those packages neither import nor appear installed. (PyYAML stays: it is a
+    dependency of transformers, whose models need it through huggingface_hub.)"""
     code = """
 import importlib.abc, importlib.metadata, sys
-HIDDEN = ("ray", "pyarrow", "sglang", "yaml", "flashinfer", "cupy", "matplotlib", "pyyaml")
+HIDDEN = ("ray", "pyarrow", "sglang", "flashinfer", "cupy", "matplotlib")
 class Hide(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in HIDDEN:
