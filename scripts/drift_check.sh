@@ -22,7 +22,8 @@ py="$work/venv/bin/python"
 "$py" - <<'EOF'
 import importlib.metadata as md
 lock = dict(line.split("==", 1) for line in open("constraints.txt").read().splitlines() if "==" in line and not line.startswith("#"))
-have = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in md.distributions()}
+import sysconfig  # the environment's own site-packages (not setuptools' vendored copies)
+have = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in md.distributions(path=[sysconfig.get_paths()["purelib"]])}
 moved = sorted((n, lock[n], have[n]) for n in lock if n in have and have[n] != lock[n])
 new = sorted(n for n in have if n not in lock and n not in ("opd-ray", "pip"))
 print(f"drift: {len(moved)} of {len(lock)} locked distributions have newer releases:")

@@ -13,8 +13,10 @@
 import importlib.metadata
 import json
 import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -37,8 +39,11 @@ def test_the_installed_distribution_puts_opd_alone_on_the_path():
 def test_the_wheel_holds_opd_alone(root, tmp_path):
     """A non-editable install's wheel: every file under opd/ (or the wheel's own metadata), driver.py not among
     them (a script of the checkout, not a module), every layer of the card inside opd/."""
+    source = tmp_path / "source"  # a copy: pip builds in the source tree, which would leave build/ and egg-info
+    shutil.copytree(root, source, ignore=shutil.ignore_patterns(".*", "runs", "build", "*.egg-info", "__pycache__",
+                                                                  "assets", "docs", "data"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                            str(tmp_path), str(root)], capture_output=True, text=True, timeout=600)
+                            str(tmp_path), str(source)], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -130,7 +135,11 @@ def test_this_environment_is_the_lock(root):
     """Every distribution of this environment that the lock names is at the lock's version (a test run on other
     versions would not be the run the lock claims), and every lock entry of the test extra is installed."""
     lock = _lock(root, "constraints.txt")
-    installed = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in importlib.metadata.distributions()}
+    # the environment's own site-packages: setuptools puts its vendored copies (importlib-metadata, packaging, ...)
+    # on sys.path once imported, and those are not what pip installed
+    site = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    installed = {d.metadata["Name"].lower().replace("_", "-"): d.version
+                 for d in importlib.metadata.distributions(path=site)}
     wrong = {n: (installed[n], v) for n, v in lock.items() if n in installed and installed[n] != v}
     assert not wrong, f"installed vs constraints.txt: {wrong}"
     missing = sorted(set(lock) - set(installed))
