@@ -4,7 +4,7 @@
 # sglang its gpu extra's ==0.5.23, read --no-deps), prints what moved against constraints.txt, then runs a fast
 # smoke subset: 3 steps of the default through driver.py, and the tests that exercise the libraries' surfaces
 # (packaging beside PyPI `kernels`, model loading and tokenizers, the engines against `generate`, the kernels,
-# the learner, config files, the doctor). Not part of the suite; about 6 minutes here, PyPI needed.
+# the learner, config files, the doctor). Not part of the suite; 4 min here (2026-12-07), PyPI needed.
 #
 #   bash scripts/drift_check.sh        # before moving the lock (python scripts/lock.py), and now and then
 #
