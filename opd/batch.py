@@ -8,6 +8,7 @@ teacher log-probs) is ordered like `response_ids`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +35,40 @@ class RolloutBatch:
     # [num_response_tokens] bool: the hybrid's gold-prefix tokens (given, not sampled: cross-entropy, log-prob 0);
     # None: none
     gold: Tensor | None = None
+    # The learner's micro-batches, made once where the batch is born (`planned`) and travelling with it: which
+    # samples each one packs, for a budget of `micro_batch_tokens` tokens (learner.micro_batch_tokens). The teacher
+    # scores, and the learner trains, micro-batch by micro-batch of this plan.
+    micro_batch_tokens: int | None = None
+    micro_batch_plan: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         if self.source is None:
             self.source = torch.full((self.num_samples,), STUDENT, dtype=torch.int64)
         if self.gold is None:
             self.gold = torch.zeros(self.response_ids.shape, dtype=torch.bool)
+
+    @classmethod
+    def from_lists(cls, prompts: list[list[int]], responses: list[list[int]], logprobs: list | None = None, *,
+                   prompt_index, finish_reasons: list[str], policy_version: int, source: int | Tensor = STUDENT,
+                   gold_lens: list[int] | None = None) -> "RolloutBatch":
+        """A checked batch from per-sample lists: each sample's prompt and response ids, the sampler's log-prob of
+        each response token (a list or fp32 tensor per sample; None: 0, no sampler drew them), the prompt of the
+        step it answers, and who wrote it (one SOURCES index for all, or a `[num_samples]` tensor). `gold_lens`:
+        the hybrid's gold-prefix tokens opening each response."""
+        n = len(prompts)
+        logprobs = [[0.0] * len(r) for r in responses] if logprobs is None else logprobs
+        gold = None if gold_lens is None else torch.cat(
+            [torch.arange(len(r)) < g for r, g in zip(responses, gold_lens, strict=True)])
+        return cls(
+            prompt_ids=torch.tensor([t for p in prompts for t in p], dtype=torch.int64),
+            prompt_lens=torch.tensor([len(p) for p in prompts], dtype=torch.int64),
+            response_ids=torch.tensor([t for r in responses for t in r], dtype=torch.int64),
+            response_lens=torch.tensor([len(r) for r in responses], dtype=torch.int64),
+            logprobs=torch.cat([torch.as_tensor(lp, dtype=torch.float32) for lp in logprobs]),
+            prompt_index=torch.as_tensor(prompt_index, dtype=torch.int64), finish_reasons=list(finish_reasons),
+            policy_version=policy_version,
+            source=source if isinstance(source, Tensor) else torch.full((n,), source, dtype=torch.int64),
+            gold=gold).check()
 
     @property
     def num_samples(self) -> int:
@@ -61,6 +90,7 @@ class RolloutBatch:
         assert self.source.dtype == torch.int64 and self.source.shape == (n,)
         assert n == 0 or 0 <= int(self.source.min()) <= int(self.source.max()) < len(SOURCES)
         assert self.gold.dtype == torch.bool and self.gold.shape == self.response_ids.shape
+        assert self.micro_batch_tokens is None or sorted(i for g in self.micro_batch_plan for i in g) == list(range(n))
         return self
 
     def loss_rows(self, token_index: Tensor) -> tuple[dict[int, Tensor | None], Tensor | None]:
@@ -82,16 +112,11 @@ class RolloutBatch:
         (log-prob 0), so the teacher scores and the learner trains on prompt -> gold prefix + continuation."""
         prompts, responses, logprobs = self.prompts(), self.responses(), self.logprobs.split(self.response_lens.tolist())
         cut = [p[len(p) - k:] if k else [] for p, k in zip(prompts, prefix_lens, strict=True)]
-        return RolloutBatch(
-            prompt_ids=torch.tensor([t for p, k in zip(prompts, prefix_lens) for t in p[:len(p) - k]], dtype=torch.int64),
-            prompt_lens=self.prompt_lens - torch.tensor(prefix_lens, dtype=torch.int64),
-            response_ids=torch.tensor([t for c, r in zip(cut, responses) for t in c + r], dtype=torch.int64),
-            response_lens=self.response_lens + torch.tensor(prefix_lens, dtype=torch.int64),
-            logprobs=torch.cat([torch.cat([torch.zeros(len(c)), lp]) for c, lp in zip(cut, logprobs)]).float(),
-            prompt_index=self.prompt_index, finish_reasons=self.finish_reasons, policy_version=self.policy_version,
-            source=self.source, gold=torch.cat([torch.cat([torch.ones(len(c), dtype=torch.bool),
-                                                           torch.zeros(len(r), dtype=torch.bool)])
-                                                for c, r in zip(cut, responses)])).check()
+        return RolloutBatch.from_lists(
+            [p[:len(p) - k] for p, k in zip(prompts, prefix_lens)], [c + r for c, r in zip(cut, responses)],
+            [torch.cat([torch.zeros(len(c)), lp]) for c, lp in zip(cut, logprobs)], prompt_index=self.prompt_index,
+            finish_reasons=self.finish_reasons, policy_version=self.policy_version, source=self.source,
+            gold_lens=prefix_lens)
 
     @property
     def on_policy(self) -> bool:
@@ -174,6 +199,18 @@ class RolloutBatch:
         """The indices (in `response_ids` order) of the response tokens of `samples`, sample after sample."""
         starts = (torch.cumsum(self.response_lens, 0) - self.response_lens).tolist()
         return torch.cat([starts[i] + torch.arange(int(self.response_lens[i])) for i in samples])
+
+    def planned(self, max_tokens: int) -> "RolloutBatch":
+        """This batch with its micro-batch plan (`plan`: at most `max_tokens` tokens each, 0: one micro-batch),
+        made where the batch is born: the rollout actor, the teacher's off-policy samples, the dataset's, a merge."""
+        return dataclasses.replace(self, micro_batch_tokens=max_tokens, micro_batch_plan=tuple(self.plan(max_tokens)))
+
+    def planned_groups(self) -> list[tuple[int, ...]]:
+        """The plan the batch carries (see `planned`)."""
+        if self.micro_batch_tokens is None:
+            raise RuntimeError("this RolloutBatch has no micro-batch plan: plan it where it is made, "
+                               "batch.planned(cfg.learner.micro_batch_tokens)")
+        return list(self.micro_batch_plan)
 
     def micro_batches(self, max_tokens: int, prompts: list[list[int]] | None = None) -> list["PackedRows"]:
         """The batch's sequences packed into micro-batches of at most `max_tokens` tokens each (`plan`), one

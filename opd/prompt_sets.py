@@ -141,12 +141,6 @@ def gold_batch(prompts: list[Prompt], tokenizer: PreTrainedTokenizerBase, *, num
         ids = ids if ids and ids[-1] == eos else ids + [eos]  # the toy's answers end with it already
         responses += [ids[:max_new_tokens]] * num_samples
         reasons += ["stop" if len(ids) <= max_new_tokens else "length"] * num_samples
-    flat = [p.student_ids for p in prompts for _ in range(num_samples)]
-    return RolloutBatch(
-        prompt_ids=torch.tensor([t for p in flat for t in p], dtype=torch.int64),
-        prompt_lens=torch.tensor([len(p) for p in flat], dtype=torch.int64),
-        response_ids=torch.tensor([t for r in responses for t in r], dtype=torch.int64),
-        response_lens=torch.tensor([len(r) for r in responses], dtype=torch.int64),
-        logprobs=torch.zeros(sum(map(len, responses))), prompt_index=torch.arange(len(prompts)).repeat_interleave(
-            num_samples), finish_reasons=reasons, policy_version=-1,
-        source=torch.full((len(flat),), DATASET, dtype=torch.int64)).check()
+    return RolloutBatch.from_lists([list(p.student_ids) for p in prompts for _ in range(num_samples)], responses,
+                                   prompt_index=torch.arange(len(prompts)).repeat_interleave(num_samples),
+                                   finish_reasons=reasons, policy_version=-1, source=DATASET)

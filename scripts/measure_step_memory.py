@@ -62,7 +62,8 @@ def _reset_peak() -> int:
 
 
 def make_config(args):
-    from opd.config import override, tiny_cpu
+    from opd.overrides import override
+    from opd.presets import tiny_cpu
 
     cfg = tiny_cpu()
     sets = [f"train.prompts_per_step={args.batch}", f"rollout.max_new_tokens={args.response}",
@@ -78,7 +79,7 @@ def make_config(args):
     return cfg
 
 
-def synthetic_batch(num_seqs: int, prompt: int, response: int, vocab: int, version: int, seed: int):
+def synthetic_batch(num_seqs: int, prompt: int, response: int, vocab: int, version: int, seed: int, budget: int):
     import torch
 
     from opd.batch import RolloutBatch
@@ -91,7 +92,7 @@ def synthetic_batch(num_seqs: int, prompt: int, response: int, vocab: int, versi
         response_ids=torch.randint(3, vocab, (n,), generator=g),
         response_lens=torch.full((num_seqs,), response, dtype=torch.int64),
         logprobs=-torch.rand(n, generator=g) * 5, prompt_index=torch.arange(num_seqs),
-        finish_reasons=["length"] * num_seqs, policy_version=version).check()
+        finish_reasons=["length"] * num_seqs, policy_version=version).check().planned(budget)
 
 
 class SyntheticParts:
@@ -136,10 +137,11 @@ def child(args) -> dict:
         out["construct_s"] = time.perf_counter() - t0
         out["constructed_rss_bytes"] = _status()["VmRSS"]
         t0 = time.perf_counter()
-        for _ in actor.score(synthetic_batch(args.warmup, args.prompt, args.response, vocab, 0, seed=1)):
+        warm = synthetic_batch(args.warmup, args.prompt, args.response, vocab, 0, seed=1, budget=args.budget)
+        for _ in actor.score(warm):
             pass
         out["warmup_s"] = time.perf_counter() - t0
-        batch = synthetic_batch(args.batch, args.prompt, args.response, vocab, 0, seed=2)
+        batch = synthetic_batch(args.batch, args.prompt, args.response, vocab, 0, seed=2, budget=args.budget)
         baseline = _reset_peak()
         t0 = time.perf_counter()
         payload = parts = 0
@@ -164,12 +166,12 @@ def child(args) -> dict:
         out["constructed_rss_bytes"] = _status()["VmRSS"]
         vocab, dtype, d_t = actor.vocab_size, DTYPES[cfg.model.dtype], teacher_config.hidden_size
         t0 = time.perf_counter()
-        warm = synthetic_batch(args.warmup, args.prompt, args.response, vocab, actor.version, seed=1)
+        warm = synthetic_batch(args.warmup, args.prompt, args.response, vocab, actor.version, seed=1, budget=args.budget)
         actor.train_step(warm, SyntheticParts(warm, args.budget, d_t, dtype, seed=1))
         del warm
         out["warmup_s"] = time.perf_counter() - t0
         actor.optimizer.zero_grad(set_to_none=True)  # what train_step does first: the baseline holds no gradients
-        batch = synthetic_batch(args.batch, args.prompt, args.response, vocab, actor.version, seed=2)
+        batch = synthetic_batch(args.batch, args.prompt, args.response, vocab, actor.version, seed=2, budget=args.budget)
         scores = SyntheticParts(batch, args.budget, d_t, dtype, seed=2)
         out["payload_bytes"] = batch.num_response_tokens * d_t * dtype.itemsize
         baseline = _reset_peak()
@@ -199,10 +201,11 @@ def planned(args, student: str, teacher: str) -> dict:
     """The memory plan's terms for the measured actor: its absolute peak, and the growth over the measured
     baseline (teacher: the step's terms; learner: gradients + the step's terms)."""
     from opd import memory
+    from opd.memory_device import Device
 
     ns = argparse.Namespace(**{**vars(args), "student": student, "teacher": teacher})
     cfg = make_config(ns)
-    p = memory.plan(cfg, memory.Device.cpu(), prompt_tokens=args.prompt)
+    p = memory.plan(cfg, Device.cpu(), prompt_tokens=args.prompt)
     a = p.actors[args.which]
     terms = a.breakdown()
     if args.which == "teacher":

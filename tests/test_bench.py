@@ -13,7 +13,7 @@ from opd.actors.common import load
 from opd.actors.engines.hf import HFEngine
 from opd import roofline, shapes
 from opd.programs.bench import load_schema
-from opd.config import preset
+from opd.presets import preset
 
 
 def _flops_counted(fn) -> int:
@@ -66,8 +66,9 @@ def test_cpu_bench_writes_json_that_matches_the_schema(root, tmp_path, monkeypat
         values = [s[name] for s in record["steps"]]
         assert phase["time_s"]["values"] == values and phase["time_s"]["mean"] == pytest.approx(sum(values) / 2)
     for s in record["steps"]:  # the learner's own split fits inside its wall time on the driver's clock
-        assert s["learner_forward_backward"] + s["optimizer"] <= s["learner_wall"]
-        assert s["rollout"] + s["teacher"] + s["learner_wall"] + s["weight_sync"] <= s["total"] + 1e-6
+        assert s["learner_forward_backward"] + s["optimizer"] <= s["train"]
+        assert s["rollout"] + s["teacher"] + s["train"] + s["overlap_wait"] + s["sync"] == pytest.approx(s["total"])
+        assert s["policy_lag"] == 0  # on-policy: run.overlap is off
     # the roofline's FLOPs against torch's FlopCounterMode running the bench's own models on its workload:
     # generation (prompts x samples rows, 5 prompt tokens, 12 new ones) and the teacher's forward
     from transformers import AutoModelForCausalLM
@@ -87,7 +88,7 @@ def test_cpu_bench_writes_json_that_matches_the_schema(root, tmp_path, monkeypat
         counted - _square_minus_causal(shapes_["student"], rows, prompt_len), rel=1e-9)
     assert record["phases"]["teacher"]["roofline"]["flops"] == pytest.approx(
         counted_teacher - _square_minus_causal(shapes_["teacher"], rows, prompt_len + response_tokens), rel=1e-9)
-    assert record["phases"]["weight_sync"]["roofline"]["bytes"] == 0  # cpu mode: the engine maps the learner's buffer
+    assert record["phases"]["sync"]["roofline"]["bytes"] == 0  # cpu mode: the engine maps the learner's buffer
     assert record["device"]["name"] == "cpu" and record["device"]["peak"]["source"] == "measured"
     assert record["versions"]["torch"] == torch.__version__
     for entries in record["memory"].values():
@@ -98,6 +99,21 @@ def test_cpu_bench_writes_json_that_matches_the_schema(root, tmp_path, monkeypat
         "bench step 1/3 (warm-up)", "memory: reset_peak_memory", "memory: memory_stats", "bench step 2/3",
         "bench step 3/3", "memory: memory_stats"]
     assert (tmp_path / "b" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_the_bench_times_the_training_step_with_overlap(tmp_path):
+    """The benchmark calls the training loop's Step: with run.overlap=true each step after the first is sampled
+    while the previous one trained (one version behind), and the wait for it is its own phase."""
+    rc = train.main(["--bench", "--set", f"run.out_dir={tmp_path}", "--set", "run.name=o", "--set", "run.progress=false",
+                     "--mode", "split", "--set", "run.device=cpu", "--set", "run.overlap=true",
+                     "--set", "train.prompts_per_step=2", "--set", "rollout.max_new_tokens=6",
+                     "--set", "bench.steps=2", "--set", "bench.prompt_tokens=4"])
+    assert rc == 0
+    record = json.loads((tmp_path / "o" / "bench.json").read_text())
+    jsonschema.validate(record, load_schema())
+    assert [s["policy_lag"] for s in record["steps"]] == [1, 1]
+    assert record["step"]["overlap_wait_s"]["values"] == [s["overlap_wait"] for s in record["steps"]]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -11,8 +11,8 @@ import pytest
 LISTENERS = """
 import json, time
 import psutil, ray
-from opd.cluster import topology
-from opd.config import tiny_cpu
+from opd.cluster import ray_instance as topology
+from opd.presets import tiny_cpu
 
 topology.connect(tiny_cpu())
 try:

@@ -16,7 +16,8 @@ from opd.actors.teacher import TeacherActor
 from conftest import whole
 from opd.kernels.reference import distill_loss, sampled_rkl_loss
 from opd.batch import RolloutBatch, group_rows, pack_sequences, padding_waste
-from opd.config import override, tiny_cpu
+from opd.overrides import override
+from opd.presets import tiny_cpu
 
 
 @pytest.mark.parametrize("lengths, budget", [
@@ -130,7 +131,7 @@ def test_micro_batched_step_equals_the_whole_padded_batch(root, toy_batch, kind)
             learner, teacher = LearnerActor(cfg), TeacherActor(cfg)
             try:
                 learner.set_teacher_head(teacher.output_head())
-                batch = dataclasses.replace(toy_batch, policy_version=learner.version)
+                batch = dataclasses.replace(toy_batch, policy_version=learner.version).planned(budget)
                 scores = list(teacher.score(batch))
                 if kind != "sampled_rkl":  # the teacher's packed states equal the padded ones
                     assert _relative(whole(scores, batch), want_h_t) < 1e-5, (name, "teacher hidden states")
@@ -153,7 +154,7 @@ def test_bf16_compute_is_finite_and_close_to_fp32(toy_batch):
         learner, teacher = LearnerActor(cfg), TeacherActor(cfg)
         try:
             learner.set_teacher_head(teacher.output_head())
-            batch = dataclasses.replace(toy_batch, policy_version=learner.version)
+            batch = dataclasses.replace(toy_batch, policy_version=learner.version).planned(20)
             results[dtype] = learner.train_step(batch, list(teacher.score(batch)))
             assert all(p.grad.dtype == torch.float32 and p.dtype == torch.float32
                        for p in learner.model.parameters())
@@ -174,33 +175,34 @@ def test_teacher_parts_follow_the_learners_plan(root, toy_batch, learner_budget,
     _, _, want_h_t = _reference(root, toy_batch, "rkl") if learner_budget == 1 and replicas == 1 else (0, 0, None)
     cfg = _cfg(learner__micro_batch_tokens=learner_budget, teacher__micro_batch_tokens=teacher_budget)
     teacher = TeacherActor(cfg)
-    packs = toy_batch.micro_batches(learner_budget)
-    parts = [list(teacher.score(toy_batch, replica=i, replicas=replicas)) for i in range(replicas)]
+    packs, planned = toy_batch.micro_batches(learner_budget), toy_batch.planned(learner_budget)
+    parts = [list(teacher.score(planned, replica=i, replicas=replicas)) for i in range(replicas)]
     for i, mine in enumerate(parts):
         assert [p.micro_batch for p in mine] == list(range(i, len(packs), replicas))
     ordered = sorted((p for mine in parts for p in mine), key=lambda p: p.micro_batch)
     for part, packed in zip(ordered, packs, strict=True):
         assert torch.equal(part.token_index, packed.token_index)
     got = whole(ordered, toy_batch)
-    one_row = whole(TeacherActor(_cfg()).score(toy_batch), toy_batch)  # the whole batch in one row
+    one_row = whole(TeacherActor(_cfg()).score(toy_batch.planned(0)), toy_batch)  # the whole batch in one row
     assert _relative(got, one_row) < 1e-5
     if want_h_t is not None:
         assert _relative(got, want_h_t) < 1e-5
 
 
 def test_learner_refuses_parts_of_another_plan(toy_batch):
-    teacher = TeacherActor(_cfg(learner__micro_batch_tokens=0))
-    learner = LearnerActor(_cfg(learner__micro_batch_tokens=20))
+    """The plan travels with the batch (RolloutBatch.planned): a batch without one is refused, and so are parts
+    the teacher made for another plan of the same samples, or out of order."""
+    teacher, learner = TeacherActor(_cfg()), LearnerActor(_cfg())
     try:
         learner.set_teacher_head(teacher.output_head())
         batch = dataclasses.replace(toy_batch, policy_version=learner.version)
-        with pytest.raises(RuntimeError, match="same learner.micro_batch_tokens"):
-            learner.train_step(batch, list(teacher.score(batch)))
-        learner_one = LearnerActor(_cfg(learner__micro_batch_tokens=1))
-        learner_one.set_teacher_head(teacher.output_head())
-        parts = list(TeacherActor(_cfg(learner__micro_batch_tokens=1)).score(batch))
+        with pytest.raises(RuntimeError, match="no micro-batch plan"):
+            next(teacher.score(batch))
+        assert len(batch.planned(20).micro_batch_plan) > 1
+        with pytest.raises(RuntimeError, match="teacher parts for the batch's"):
+            learner.train_step(batch.planned(20), list(teacher.score(batch.planned(0))))
+        parts = list(teacher.score(batch.planned(1)))
         with pytest.raises(RuntimeError, match="does not cover"):
-            learner_one.train_step(batch, parts[::-1])
-        learner_one.shutdown()
+            learner.train_step(batch.planned(1), parts[::-1])
     finally:
         learner.shutdown()

@@ -16,7 +16,9 @@ from conftest import toy_states
 from opd.kernels.reference import distill_loss
 from opd import toy
 from opd.batch import DATASET, STUDENT, TEACHER, RolloutBatch
-from opd.config import ConfigError, override, tiny_cpu
+from opd.config import ConfigError
+from opd.overrides import override
+from opd.presets import tiny_cpu
 from opd.metrics import read_jsonl
 from opd.models import load_tokenizer
 from opd.prompt_sets import build_prompt_set, gold_batch, student_ids
@@ -60,7 +62,7 @@ def test_the_teacher_answers_its_share_and_the_loss_and_metrics_equal_the_refere
 
         assert accuracy(theirs, 8) >= 0.9 > accuracy(rollout.generate(student_ids(train[8:]), seed=1), 8)
         theirs.prompt_index += 8
-        batch = RolloutBatch.concat([mine, theirs])
+        batch = RolloutBatch.concat([mine, theirs]).planned(cfg.learner.micro_batch_tokens)  # as the merge does
         assert batch.policy_version == mine.policy_version and batch.on_policy
         scores = list(teacher.score(batch))
 
@@ -141,8 +143,8 @@ COMMON = ["train.steps=2", "train.eval_every=0", "train.prompts_per_step=8", "da
 
 
 def _run(root, out, readme_start: str) -> list[dict]:
-    """The README's command that starts with `readme_start`, as typed, cut to two steps of 8 prompts."""
-    command = readme_command(root, readme_start)
+    """docs/configuration.md's command that starts with `readme_start`, as typed, cut to two steps of 8 prompts."""
+    command = readme_command(root, "docs/configuration.md", readme_start)
     args = command[1:] + [a for s in COMMON + [f"run.out_dir={out}"] for a in ("--set", s)]
     done = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -151,8 +153,8 @@ def _run(root, out, readme_start: str) -> list[dict]:
 
 
 def test_runs_with_teacher_and_dataset_samples(root, tmp_path):
-    """The README's two commands. λ = 0 with the teacher: every sample is the teacher's (no policy version, no
-    canary); λ = 0.5 with the dataset: half the prompts answered by their gold answers."""
+    """docs/configuration.md's two commands. λ = 0 with the teacher: every sample is the teacher's (no policy
+    version, no canary); λ = 0.5 with the dataset: half the prompts answered by their gold answers."""
     teacher_only = _run(root, tmp_path, ".venv/bin/python driver.py --set rollout.student_fraction=0 ")
     for row in teacher_only:
         assert row["source/teacher/samples"] == 8 and row["source/student/samples"] == 0

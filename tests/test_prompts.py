@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from opd.actors.teacher import TeacherActor
 from conftest import whole
 from opd.batch import RolloutBatch
-from opd.config import tiny_cpu
+from opd.presets import tiny_cpu
 from opd.prompts import render, render_ids
 
 STUDENT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -74,7 +74,7 @@ def test_teacher_scores_the_same_response_after_its_own_prompt(root):
     batch = RolloutBatch(prompt_ids=torch.tensor(student_prompt), prompt_lens=torch.tensor([6]),
                          response_ids=torch.tensor(response), response_lens=torch.tensor([4]),
                          logprobs=torch.zeros(4), prompt_index=torch.tensor([0]), finish_reasons=["stop"],
-                         policy_version=0).check()
+                         policy_version=0).check().planned(0)
     scores = whole(teacher.score(batch, teacher_prompts=[teacher_prompt]), batch)
     model = AutoModelForCausalLM.from_pretrained(root / "assets/toy/teacher", dtype=torch.float32)
     with torch.no_grad():

@@ -139,18 +139,20 @@ class LearnerActor:
             import ray
 
             part = ray.get(part)
+        # the plan travels with the batch (RolloutBatch.planned): both sides read the same one
         if part.micro_batch != k or not torch.equal(part.token_index, packed.token_index):
-            raise RuntimeError(f"the teacher's part {part.micro_batch} does not cover the learner's micro-batch {k}: "
-                               f"teacher and learner must plan with the same learner.micro_batch_tokens")
+            raise RuntimeError(f"the teacher's part {part.micro_batch} does not cover micro-batch {k} of the batch's "
+                               f"plan: pass the parts TeacherActor.score made of this batch, in plan order")
         return TeacherScores(part.policy_version, k, part.token_index,
                              hidden_states=hidden_states.fetch(part.hidden_states, self.device),
                              token_logprobs=hidden_states.fetch(part.token_logprobs, self.device)).check(batch)
 
     def _plan(self, batch: RolloutBatch, parts: Sequence) -> list[PackedRows]:
-        packs = batch.micro_batches(self.cfg.learner.micro_batch_tokens)
+        """The batch's micro-batches, packed as its plan says (the teacher scored one part per micro-batch)."""
+        packs = [batch.pack(samples) for samples in batch.planned_groups()]
         if len(parts) != len(packs):
-            raise RuntimeError(f"{len(parts)} teacher parts for {len(packs)} micro-batches: teacher and learner must "
-                               f"plan with the same learner.micro_batch_tokens")
+            raise RuntimeError(f"{len(parts)} teacher parts for the batch's {len(packs)} micro-batches: pass the parts "
+                               f"TeacherActor.score made of this batch")
         return packs
 
     def _forward(self, packed: PackedRows, loss_fn):

@@ -53,7 +53,7 @@ class RolloutActor:
             return_cached_memory(self.cfg, self.engine.model.device)
         if prefixes is not None:
             batch = batch.with_gold_prefix([len(prefixes[i]) for i in batch.prompt_index.tolist()])
-        return batch
+        return batch.planned(self.cfg.learner.micro_batch_tokens)  # the plan the teacher and learner follow
 
     def load_weights(self, update: WeightUpdate) -> int:
         if not self.sglang:

@@ -40,7 +40,7 @@ class TeacherActor:
     @torch.no_grad()
     def score(self, batch: RolloutBatch, *, replica: int = 0, replicas: int = 1, hidden_states: bool | None = None,
               teacher_prompts: list[list[int]] | None = None) -> Iterator[TeacherScores]:
-        """One TeacherScores per micro-batch of the learner's plan (`batch.plan(learner.micro_batch_tokens)`)
+        """One TeacherScores per micro-batch of the learner's plan, which the batch carries (`batch.planned`)
         that this replica scores (micro-batch k goes to replica k % replicas), in order, each yielded as soon as
         it is done: hidden states at its response positions for full-vocabulary losses (and for evaluation,
         which asks with hidden_states=True); for sampled_rkl only the sampled tokens' log-probs. Under Ray this
@@ -52,7 +52,7 @@ class TeacherActor:
         batch.check()
         prompts = None if teacher_prompts is None else [teacher_prompts[i] for i in batch.prompt_index.tolist()]
         states = hidden_states if hidden_states is not None else self.cfg.loss.kind != "sampled_rkl"
-        plan = batch.plan(self.cfg.learner.micro_batch_tokens)
+        plan = batch.planned_groups()
         mine = list(range(replica, len(plan), replicas))
         self.outbox.begin()  # what the last batches exported stays alive for the learner; older parts go
         decoder = self.model.get_decoder()  # its last hidden state is already final-normed: no [T, V] logits made
@@ -108,8 +108,6 @@ class TeacherActor:
                                    top_k=r.top_k, max_new_tokens=r.max_new_tokens, seed=seed,
                                    ignore_eos=r.ignore_eos)
         mine = [prompts[i] for i in out.prompt_index.tolist()]
-        return RolloutBatch(prompt_ids=torch.tensor([t for p in mine for t in p], dtype=torch.int64),
-                            prompt_lens=torch.tensor([len(p) for p in mine], dtype=torch.int64),
-                            response_ids=out.response_ids, response_lens=out.response_lens, logprobs=out.logprobs,
-                            prompt_index=out.prompt_index, finish_reasons=out.finish_reasons, policy_version=-1,
-                            source=torch.full((out.num_samples,), TEACHER, dtype=torch.int64)).check()
+        return RolloutBatch.from_lists(mine, out.responses(), out.logprobs.split(out.response_lens.tolist()),
+                                       prompt_index=out.prompt_index, finish_reasons=out.finish_reasons,
+                                       policy_version=-1, source=TEACHER)

@@ -5,8 +5,8 @@
         --set bench.vocab_size=32768 --set rollout.max_new_tokens=128 --set train.prompts_per_step=4
     python driver.py --preset qwen25_1p5b_from_7b --mode split --bench --set bench.shapes=qwen25_1p5b_7b
 
-A benchmark step is a training step: the driver's phases through the same `Actors` calls (generate -> score ->
-train_step -> sync), on random prompts of `bench.prompt_tokens` ids and fixed-length responses
+A benchmark step is a training step: the training loop's `Step` (rollout -> teacher -> learner -> sync, restarts
+and run.overlap as in training, opd/programs/train.py), on random prompts of `bench.prompt_tokens` ids and fixed-length responses
 (`rollout.ignore_eos`: every response has `rollout.max_new_tokens` tokens, so every step does the same work).
 `bench.warmup_steps` untimed steps come first; then, over `bench.steps` timed steps, each phase's wall time,
 response tokens per second, each actor's peak memory, and the phase's roofline (opd/roofline.py): its FLOPs and
@@ -34,8 +34,11 @@ from opd.config import PROJECT_ROOT, Config, ConfigError
 from opd.shapes import SHAPE_PAIRS
 
 SCHEMA_PATH = PROJECT_ROOT / "docs" / "bench_schema.json"
-SCHEMA_ID = "opd-bench/1"
-PHASES = ("rollout", "weight_sync", "teacher", "learner_forward_backward", "optimizer")
+SCHEMA_ID = "opd-bench/2"
+# the training step's phases (opd/programs/train.py PhaseClock), and those the roofline bounds: `train` is the
+# learner's forward-backward and optimizer step, each timed on its own clock
+STEP_PHASES = ("rollout", "teacher", "train", "overlap_wait", "sync")
+PHASES = ("rollout", "teacher", "learner_forward_backward", "optimizer", "sync")
 ROLES = ("rollout", "teacher", "learner")
 
 
@@ -76,7 +79,8 @@ def prepare(cfg: Config) -> tuple[Config, Path, int]:
 def _check_models(cfg: Config) -> int:
     from transformers import AutoConfig
 
-    from opd.models import ModelError, check_compatible, load_tokenizer, model_source, quiet_transformers
+    from opd.compatibility import check_compatible
+    from opd.models import ModelError, load_tokenizer, model_source, quiet_transformers
 
     quiet_transformers()
     sources = [model_source(cfg.model.student), model_source(cfg.model.teacher)]
@@ -94,17 +98,15 @@ def _check_models(cfg: Config) -> int:
 def run_bench(cfg: Config) -> dict:
     """Benchmark `cfg` (see the module docstring); prints the table, returns the JSON record."""
     cfg, run_dir, valid_vocab = prepare(cfg)  # every refusal happens here, before Ray starts
-    import ray
-
     from opd.cluster import topology
     from opd.metrics import write_json_atomic
 
     with topology.running(cfg) as actors:
         t0 = time.perf_counter()
-        actors.set_teacher_head()
-        actors.sync()
+        actors.teacher_head_to_learners()
+        actors.sync_weights()
         startup_s = actors.launch_s + time.perf_counter() - t0  # launch, the teacher's head, the first sync
-        steps, memory = _steps(cfg, actors, valid_vocab)
+        steps, memory = _steps(cfg, actors, valid_vocab, run_dir)
     record = _record(cfg, steps, memory, startup_s)
     write_json_atomic(run_dir / "bench.json", record)
     print(format_table(record))
@@ -124,47 +126,52 @@ def _memory(actors, method: str) -> dict[str, list[dict]]:
     return {role: ray.get(r) for role, r in refs.items()}
 
 
-def _steps(cfg: Config, actors, valid_vocab: int) -> tuple[list[dict], dict]:
-    """Warm-up, then the timed steps: per step the phases' wall times (driver side; the learner's split from
-    its own clock) and the step's metrics. Peak memory is reset after the warm-up and read at the end."""
-    import ray
-    import torch
+class RandomPrompts:
+    """The benchmark's prompt stream: `bench.prompt_tokens` random ids per prompt, above the synthetic tokenizers'
+    specials (pad 0, eos 1, unk 2), drawn in step order from train.seed."""
+
+    def __init__(self, cfg: Config, valid_vocab: int):
+        import torch
+
+        self.generator, self.length, self.vocab = torch.Generator().manual_seed(cfg.train.seed), \
+            cfg.bench.prompt_tokens, valid_vocab
+
+    def next_batch(self, n: int) -> list:
+        import torch
+
+        from opd.prompts import Prompt
+
+        ids = torch.randint(3, self.vocab, (n, self.length), generator=self.generator).tolist()
+        return [Prompt(student_ids=tuple(p), teacher_ids=None, answer=None, text="") for p in ids]
+
+
+def _steps(cfg: Config, actors, valid_vocab: int, run_dir: Path) -> tuple[list[dict], dict]:
+    """Warm-up, then the timed steps: each the training loop's `Step` (its phases, restarts and run.overlap),
+    with per step the phases' wall times (driver side; the learner's split of `train` from its own clock) and the
+    step's metrics. Peak memory is reset after the warm-up and read at the end."""
+    from opd.programs.rollouts import Rollouts
+    from opd.programs.train import Step
 
     b = cfg.bench
-    generator = torch.Generator().manual_seed(cfg.train.seed)
+    step_once = Step(cfg, actors, Rollouts(cfg, actors, RandomPrompts(cfg, valid_vocab)), say=print, run_dir=run_dir)
     expected_tokens = cfg.train.prompts_per_step * cfg.rollout.num_samples * cfg.rollout.max_new_tokens
     rows, baseline = [], None
     for step in range(1, b.warmup_steps + b.steps + 1):
         if step == b.warmup_steps + 1:
             _memory(actors, "reset_peak_memory")
             baseline = _memory(actors, "memory_stats")  # resident memory when the timed steps start
-        # random prompt ids above the synthetic tokenizers' specials (pad 0, eos 1, unk 2)
-        prompts = torch.randint(3, valid_vocab, (cfg.train.prompts_per_step, b.prompt_tokens),
-                                generator=generator).tolist()
-        t0 = time.perf_counter()
-        # The engines hold the learner's current version (checked after each sync): on-policy samples.
-        batch = actors.generate(prompts, seed=cfg.train.seed * 1_000_003 + step)
-        ray.wait([batch], fetch_local=False)  # timing only: the batch goes actor to actor
-        t1 = time.perf_counter()
-        scores = actors.score(batch)
-        actors.wait_scored(scores)
-        t2 = time.perf_counter()
-        metrics = actors.collect(actors.train_step(batch, scores))
-        t3 = time.perf_counter()
-        version = actors.sync()
-        t4 = time.perf_counter()
-        if version != metrics["policy/version"]:
-            raise RuntimeError(f"engine holds weights v{version}, learner is at v{metrics['policy/version']}")
+        metrics = step_once(step)
         if metrics["response/tokens/sum"] != expected_tokens:
             raise RuntimeError(f"{metrics['response/tokens/sum']:.0f} response tokens, expected {expected_tokens}: "
                                f"the engine did not honour rollout.ignore_eos")
         print(f"bench step {step}/{b.warmup_steps + b.steps}{' (warm-up)' if step <= b.warmup_steps else ''}: "
-              f"{t4 - t0:.2f} s", flush=True)
+              f"{metrics['timing/step_s']:.2f} s", flush=True)
         if step > b.warmup_steps:
-            rows.append({"step": step, "rollout": t1 - t0, "teacher": t2 - t1, "learner_wall": t3 - t2,
+            rows.append({"step": step, **{p: metrics[f"timing/{p}_s"] for p in STEP_PHASES},
                          "learner_forward_backward": metrics["timing/learner_forward_backward_s"],
-                         "optimizer": metrics["timing/optimizer_s"], "weight_sync": t4 - t3, "total": t4 - t0,
-                         "response_tokens": int(metrics["response/tokens/sum"]), "loss": metrics["loss"]})
+                         "optimizer": metrics["timing/optimizer_s"], "total": metrics["timing/step_s"],
+                         "response_tokens": int(metrics["response/tokens/sum"]), "loss": metrics["loss"],
+                         "policy_lag": int(metrics["sync/policy_lag"])})
     peaks = _memory(actors, "memory_stats")
     memory = {role: [{"device": p["device"], "peak_rss_bytes": p["peak_rss_bytes"],
                       "rss_at_start_bytes": s["rss_bytes"], "peak_cuda_bytes": p["peak_cuda_bytes"]}
@@ -208,7 +215,7 @@ def _costs(cfg: Config, student: roofline.DecoderShape, teacher: roofline.Decode
     r = cfg.rollout
     canary = cfg.loss.kind != "sampled_rkl" and r.top_p == 1.0 and r.top_k == 0
     return {"rollout": roofline.rollout_cost(student, w, _dtype_bytes(serving), serving),
-            "weight_sync": roofline.sync_cost(student, cfg.run.mode, _dtype_bytes(serving)),
+            "sync": roofline.sync_cost(student, cfg.run.mode, _dtype_bytes(serving)),
             "teacher": roofline.teacher_cost(teacher, w, _dtype_bytes(cfg.model.dtype), cfg.model.dtype),
             "learner_forward_backward": roofline.learner_cost(student, teacher, w, canary=canary),
             "optimizer": roofline.optimizer_cost(student)}
@@ -283,7 +290,8 @@ def _record(cfg: Config, rows: list[dict], memory: dict, startup_s: float) -> di
         "startup_s": startup_s,
         "phases": phases,
         "step": {"time_s": total, "tokens_per_s": tokens / total["mean"], "other_s": other,
-                 "learner_wall_s": _stats([r["learner_wall"] for r in rows])},
+                 "train_s": _stats([r["train"] for r in rows]),
+                 "overlap_wait_s": _stats([r["overlap_wait"] for r in rows])},
         "memory": memory,
         "steps": rows,
     }

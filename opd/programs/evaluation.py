@@ -26,15 +26,16 @@ def evaluate(actors, prompt_set: PromptSet, tokenizer: PreTrainedTokenizerBase, 
              teacher_accuracy: float | None = None) -> dict[str, float]:
     """`teacher_accuracy`: pass the cached value after the first evaluation (the teacher does not change)."""
     prompts, teacher_prompts = student_ids(prompt_set.eval), teacher_ids(prompt_set.eval)
-    greedy = actors.generate(prompts, seed=EVAL_SEED, greedy=True)
-    sampled = actors.generate(prompts, seed=EVAL_SEED)
-    kl = actors.evaluate(sampled, actors.score(sampled, hidden_states=True, teacher_prompts=teacher_prompts))
+    greedy = actors.rollout_samples(prompts, seed=EVAL_SEED, greedy=True)
+    sampled = actors.rollout_samples(prompts, seed=EVAL_SEED)
+    kl = actors.learner_evaluate(sampled, actors.teacher_scores(sampled, hidden_states=True,
+                                                                teacher_prompts=teacher_prompts))
     teacher = None if teacher_accuracy is not None else actors.teacher.generate.remote(
         teacher_prompts or prompts, max_new_tokens=max_new_tokens)
     out = {"eval/accuracy/student": accuracy(ray.get(greedy), prompt_set, tokenizer)}
     # the learner's result before the teacher's answers: in split mode the teacher runs `generate` only after its
     # hidden-state sends, which a learner that failed never receives; its error is raised here instead of a hang
-    kl_metrics = actors.collect(kl)
+    kl_metrics = actors.learner_result(kl)
     out["eval/accuracy/teacher"] = (teacher_accuracy if teacher is None
                                     else accuracy(ray.get(teacher), prompt_set, tokenizer))
     out.update({f"eval/{k}": v for k, v in kl_metrics.items()})

@@ -89,7 +89,7 @@ def run_all(args) -> dict:
     import ray
 
     from opd import chain
-    from opd.cluster.topology import connect
+    from opd.cluster.ray_instance import connect
     from opd.programs import train
 
     chain.ensure_assets(PROJECT_ROOT / "assets" / "chain")

@@ -15,13 +15,15 @@ import argparse
 import sys
 import time
 
-from opd.config import Config, ConfigError, override, preset
+from opd.config import Config, ConfigError
 from opd.metrics import Interrupted, RunStopped
+from opd.overrides import override
+from opd.presets import preset
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", help="a preset of opd/config.py (default: tiny_cpu)")
+    parser.add_argument("--preset", help="a preset of opd/presets.py (default: tiny_cpu)")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue RUN_DIR from its latest checkpoint with the run's own config (its config.json); "
                              "--set may change train.steps and other settings that leave the math alone")
@@ -83,7 +85,6 @@ def run(cfg: Config) -> dict:
 def train(cfg: Config, prepared, actors, trackers) -> dict:
     """The run over its actors: evaluation before the first step, then each step logged, checked, evaluated
     and checkpointed; the report at the end."""
-    import ray
     from tqdm import tqdm
 
     from opd.checkpoint import Checkpoints
@@ -91,6 +92,7 @@ def train(cfg: Config, prepared, actors, trackers) -> dict:
     from opd.models import load_tokenizer, model_source
     from opd.prompt_sets import PromptStream
     from opd.programs.evaluation import HeldOut
+    from opd.programs.rollouts import Rollouts
 
     run_dir, stream = prepared.run_dir, PromptStream(prepared.prompts.train, cfg.train.seed)
     skips = SkipGuard(cfg.train.max_consecutive_skips, run_dir)
@@ -102,15 +104,15 @@ def train(cfg: Config, prepared, actors, trackers) -> dict:
     log.log_data_counts(prepared.prompts.counts)
     # The teacher's output head reaches the learner once (frozen); the learner's weights reach the engine
     # once as a shared-buffer handle, after which a sync only publishes the version.
-    actors.set_teacher_head()
-    actors.sync()
+    actors.teacher_head_to_learners()
+    actors.sync_weights()
     tokenizer = load_tokenizer(model_source(cfg.model.student))
     held_out = HeldOut(cfg, actors, prepared.prompts, log, tokenizer)
     bar = tqdm(range(start + 1, cfg.train.steps + 1), desc="opd", disable=not cfg.run.progress, dynamic_ncols=True)
-    steps = Steps(cfg, actors, Rollouts(cfg, actors, stream, tokenizer), say=bar.write, run_dir=run_dir)
+    step_once = Step(cfg, actors, Rollouts(cfg, actors, stream, tokenizer), say=bar.write, run_dir=run_dir)
     with StopSignals(bar.write, run_dir) as stop, Records(log, run_dir):  # the records are written however it ends
         for step in bar:
-            metrics = steps.run(step)
+            metrics = step_once(step)  # rollout -> teacher -> learner -> sync (Step below)
             log.log_step(step, metrics)
             skips.check(step, metrics)  # stops the run after train.max_consecutive_skips skipped steps in a row
             rkl = metrics.get("kl/reverse/mean", metrics.get("kl/reverse/sampled_mean"))
@@ -124,6 +126,82 @@ def train(cfg: Config, prepared, actors, trackers) -> dict:
             if stop.signum is not None:
                 stop.stopped_after(step)
     return {"run_dir": str(run_dir), "checkpoint": checkpoints.last, "before": held_out.before, "after": held_out.last}
+
+
+class Step:
+    """One step of four phases over the run's actors, each timed by `PhaseClock`; the training loop and the
+    benchmark (opd/programs/bench.py) both call it. A rollout or teacher process that dies mid-step is restarted
+    by Ray and the step retried around it (`_restarting`); run.overlap samples the next step while the learner
+    trains (`Rollouts.prefetch`)."""
+
+    def __init__(self, cfg: Config, actors, rollouts, *, say, run_dir):
+        self.cfg, self.actors, self.rollouts, self.say, self.run_dir = cfg, actors, rollouts, say, run_dir
+        self.restarts = 0
+
+    def __call__(self, step: int) -> dict:
+        """rollout -> teacher -> learner -> sync; the step's metrics with each phase's time."""
+        self.restarts, clock, done = 0, PhaseClock(), {}
+        metrics, version = self._restarting(step, lambda retry: self._phases(step, clock, done, retry))
+        if version != metrics["policy/version"]:
+            raise RuntimeError(f"engine holds weights v{version}, learner is at v{metrics['policy/version']}")
+        return {**metrics, **clock.timings(metrics["response/tokens/sum"]), "step/actor_restarts": float(self.restarts)}
+
+    def _phases(self, step: int, clock: PhaseClock, done: dict, retry: bool):
+        """The four phases. The engines hold the weights of the last sync: the samples are on-policy (with
+        run.overlap one version behind). A retry after the learner stepped only syncs again."""
+        if "metrics" not in done:
+            prompts, batch = clock.timed("rollout", self.rollouts.take, step, retry)  # resampled on a retry
+            scores = clock.timed("teacher", self._teacher, prompts, batch)  # one part per learner micro-batch
+            done["metrics"] = clock.timed("train", self._learner, step, batch, scores)
+            clock.timed("overlap_wait", self.rollouts.wait_prefetched)  # step + 1's samples, before the sync
+        return done["metrics"], clock.timed("sync", self.actors.sync_weights)  # the engines hold the new weights
+
+    def _teacher(self, prompts, batch):
+        from opd.prompt_sets import teacher_ids
+
+        scores = self.actors.teacher_scores(batch, teacher_prompts=teacher_ids(prompts))
+        self.actors.teacher_scored(scores)  # timing only: the parts go teacher to learner
+        return scores
+
+    def _learner(self, step: int, batch, scores) -> dict:
+        training = self.actors.learner_step(batch, scores)
+        self.rollouts.prefetch(step + 1)  # run.overlap: the next step's rollout, sampled while the learner trains
+        return self.actors.learner_result(training)
+
+    def _restarting(self, step: int, phases):
+        """`phases(retry)`, run again after Ray restarted a rollout or teacher process that died during them (with
+        retry=True: the step's prompts are sampled again, same seed, by the restored weights). A dead learner, a
+        split-mode run or run.max_actor_restarts=0 stops the run instead (Actors.recover)."""
+        import ray
+
+        retry = False
+        while True:
+            try:
+                return phases(retry)
+            except ray.exceptions.RayActorError as e:
+                self.restarts, retry = self.restarts + 1, True
+                self.say(f"step {step}: {type(e).__name__}; restarting the actor and retrying the step")
+                self.actors.recover(step, e, self.run_dir)
+
+
+class PhaseClock:
+    """A step's wall time per phase: each phase ends when it is marked, and lasts from the previous mark."""
+
+    PHASES = ("rollout", "teacher", "train", "overlap_wait", "sync")
+
+    def __init__(self):
+        self.marks = {"start": time.perf_counter()}
+
+    def timed(self, phase: str, fn, *args, **kwargs):
+        """fn(...), the phase ending when it returns."""
+        out = fn(*args, **kwargs)
+        self.marks[phase] = time.perf_counter()
+        return out
+
+    def timings(self, tokens: float) -> dict[str, float]:
+        t = [self.marks["start"]] + [self.marks[p] for p in self.PHASES]
+        out = {f"timing/{p}_s": b - a for p, a, b in zip(self.PHASES, t, t[1:])}
+        return {**out, "timing/step_s": t[-1] - t[0], "throughput/tokens_per_s": tokens / (t[-1] - t[0])}
 
 
 class StopSignals:
@@ -189,129 +267,6 @@ class Records:
             if kind is None or kind is Interrupted and "after step" in str(error):
                 raise
             print(f"warning: the run's records were not all written ({type(e).__name__}: {e})", file=sys.stderr)
-
-
-class Steps:
-    """The loop's steps, each its four phases. A rollout or teacher process that dies mid-step is restarted by
-    Ray and the phase retried (`_restarting`); with run.overlap the next step is sampled while the learner trains
-    (`Rollouts`)."""
-
-    def __init__(self, cfg: Config, actors, rollouts: Rollouts, *, say, run_dir):
-        self.cfg, self.actors, self.rollouts, self.say, self.run_dir = cfg, actors, rollouts, say, run_dir
-        self.restarts = 0
-
-    def run(self, step: int) -> dict:
-        """rollout -> teacher score -> learner step -> weight sync; the step's metrics with each phase's time."""
-        self.restarts, clock = 0, PhaseClock()
-        metrics = self._restarting(step, lambda retry: self._learn(step, clock, resample=retry))
-        version = self._restarting(step, lambda retry: clock.timed("sync", self.actors.sync))
-        if version != metrics["policy/version"]:
-            raise RuntimeError(f"engine holds weights v{version}, learner is at v{metrics['policy/version']}")
-        return {**metrics, **clock.timings(metrics["response/tokens/sum"]), "step/actor_restarts": float(self.restarts)}
-
-    def _learn(self, step: int, clock: PhaseClock, resample: bool) -> dict:
-        """The first three phases. The engines hold the weights of the last sync: the samples are on-policy, or
-        with run.overlap one version behind (sampled during the previous step's training)."""
-        import ray
-
-        from opd.prompt_sets import teacher_ids
-
-        prompts, batch = self.rollouts.take(step, resample=resample)
-        clock.timed("rollout", ray.wait, [batch], fetch_local=False)  # timing only: the batch goes actor to actor
-        scores = self.actors.score(batch, teacher_prompts=teacher_ids(prompts))
-        clock.timed("teacher", self.actors.wait_scored, scores)
-        training = self.actors.train_step(batch, scores)
-        self.rollouts.prefetch(step + 1)  # run.overlap: the next step's rollout, sampled while the learner trains
-        metrics = clock.timed("train", self.actors.collect, training)
-        clock.timed("overlap_wait", self.rollouts.wait_prefetched)
-        return metrics
-
-    def _restarting(self, step: int, phase):
-        """`phase(retry)`, run again after Ray restarted a rollout or teacher process that died during it (with
-        retry=True: the step's prompts are sampled again, same seed, by the restored weights). A dead learner, a
-        split-mode run or run.max_actor_restarts=0 stops the run instead (Actors.recover)."""
-        import ray
-
-        retry = False
-        while True:
-            try:
-                return phase(retry)
-            except ray.exceptions.RayActorError as e:
-                self.restarts, retry = self.restarts + 1, True
-                self.say(f"step {step}: {type(e).__name__}; restarting the actor and retrying the step")
-                self.actors.recover(step, e, self.run_dir)
-
-
-class Rollouts:
-    """Each step's prompts, drawn from the stream once, and their samples: sampled when the step starts, or with
-    run.overlap while the previous step's learner trained."""
-
-    def __init__(self, cfg: Config, actors, stream, tokenizer):
-        self.cfg, self.actors, self.stream, self.tokenizer = cfg, actors, stream, tokenizer  # the student's
-        self.drawn: dict[int, list] = {}  # step -> its prompts (this step's and, with overlap, the next one's)
-        self.upcoming = None  # run.overlap: (step, its samples) sampled ahead
-
-    def take(self, step: int, *, resample: bool = False):
-        """The step's prompts and samples: the ones sampled ahead, else (or with `resample`) sampled now."""
-        ahead, self.upcoming = self.upcoming, None
-        self.drawn = {s: p for s, p in self.drawn.items() if s >= step}
-        batch = ahead[1] if ahead and ahead[0] == step and not resample else self._sample(step)
-        return self.drawn[step], batch
-
-    def prefetch(self, step: int) -> None:
-        if self.cfg.run.overlap and step <= self.cfg.train.steps:
-            self.upcoming = (step, self._sample(step))
-
-    def wait_prefetched(self) -> None:
-        """The samples taken ahead must be done before the sync rewrites the weights they are sampled with."""
-        import ray
-
-        if self.upcoming is not None:
-            ray.wait([self.upcoming[1]], fetch_local=False)
-
-    def _sample(self, step: int):
-        """The step's samples: the student's (on-policy), and with rollout.student_fraction < 1 the off-policy
-        ones for the last prompts of the step (answered by the teacher or the dataset), in one batch."""
-        import ray
-
-        from opd.prompt_sets import gold_batch, student_ids, teacher_ids
-
-        if step not in self.drawn:
-            self.drawn[step] = self.stream.next_batch(self.cfg.train.prompts_per_step)
-        prompts, r, seed = self.drawn[step], self.cfg.rollout, self.cfg.train.seed * 1_000_003 + step
-        if r.student_fraction == 1:  # the hybrid: the student continues each prompt's gold prefix
-            prefixes = [list(p.gold_prefix) for p in prompts] if self.cfg.data.gold_prefix_field else None
-            return self.actors.generate(student_ids(prompts), seed=seed, prefixes=prefixes)
-        k = round(r.student_fraction * len(prompts))  # the student's prompts; the rest are off-policy
-        off = prompts[k:]
-        if r.off_policy_source == "teacher":
-            off_batch = self.actors.teacher_sample(student_ids(off), teacher_ids(off), seed=seed + 500_009)
-        else:
-            off_batch = ray.put(gold_batch(off, self.tokenizer, num_samples=r.num_samples,
-                                           max_new_tokens=r.max_new_tokens))
-        if k == 0:
-            return off_batch
-        return self.actors.combine([0, k], [self.actors.generate(student_ids(prompts[:k]), seed=seed), off_batch])
-
-
-class PhaseClock:
-    """A step's wall time per phase: each phase ends when it is marked, and lasts from the previous mark."""
-
-    PHASES = ("rollout", "teacher", "train", "overlap_wait", "sync")
-
-    def __init__(self):
-        self.marks = {"start": time.perf_counter()}
-
-    def timed(self, phase: str, fn, *args, **kwargs):
-        """fn(...), the phase ending when it returns."""
-        out = fn(*args, **kwargs)
-        self.marks[phase] = time.perf_counter()
-        return out
-
-    def timings(self, tokens: float) -> dict[str, float]:
-        t = [self.marks["start"]] + [self.marks[p] for p in self.PHASES]
-        out = {f"timing/{p}_s": b - a for p, a, b in zip(self.PHASES, t, t[1:])}
-        return {**out, "timing/step_s": t[-1] - t[0], "throughput/tokens_per_s": tokens / (t[-1] - t[0])}
 
 
 def failure(error: BaseException, run_dir) -> str:

@@ -130,23 +130,15 @@ class HFEngine:
             new_ids, logprobs = self._decode(input_ids.to(device), attention_mask.to(device), greedy=greedy,
                                              max_new_tokens=max_new_tokens, ignore_eos=ignore_eos, **sampling)
 
-        responses, response_logprobs, lens, reasons = [], [], [], []
+        responses, response_logprobs, reasons = [], [], []
         for ids, lps in zip(new_ids.tolist(), logprobs, strict=True):
             end = ids.index(self.eos_id) + 1 if self.eos_id in ids else len(ids)
-            responses += ids[:end]
+            responses.append(ids[:end])
             response_logprobs.append(lps[:end])
-            lens.append(end)
             reasons.append("stop" if ids[end - 1] == self.eos_id else "length")
-        return RolloutBatch(
-            prompt_ids=torch.tensor([t for p in flat for t in p], dtype=torch.int64),
-            prompt_lens=torch.tensor([len(p) for p in flat], dtype=torch.int64),
-            response_ids=torch.tensor(responses, dtype=torch.int64),
-            response_lens=torch.tensor(lens, dtype=torch.int64),
-            logprobs=torch.cat(response_logprobs).float(),
-            prompt_index=torch.arange(len(prompts)).repeat_interleave(num_samples),
-            finish_reasons=reasons,
-            policy_version=self._version,
-        ).check()
+        return RolloutBatch.from_lists(flat, responses, response_logprobs,
+                                       prompt_index=torch.arange(len(prompts)).repeat_interleave(num_samples),
+                                       finish_reasons=reasons, policy_version=self._version)
 
     def _next_logits(self, input_ids, attention_mask, position_ids, cache, *, prefill: bool):
         """fp32 logits `[B, V]` of the last position (the cache is updated in place). The last position only: the

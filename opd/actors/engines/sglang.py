@@ -184,9 +184,6 @@ class SGLangEngine:
                             rank_offset=rank_offset, world_size=world_size, group_name=group_name, backend=backend)
         self._check(result, "init_weights_update_group")
 
-    def destroy_weights_group(self, group_name: str) -> None:
-        self._check(self._call("destroy_weights_update_group", group_name=group_name), "destroy_weights_update_group")
-
     def release_memory(self, tags: Sequence[str] | None = None) -> None:
         """Release GPU memory (default: all of weights, kv_cache, cuda_graph). Only while nothing generates."""
         todo = [t for t in _tags(tags) if t not in self._memory.released]
@@ -237,23 +234,15 @@ class SGLangEngine:
         assert isinstance(outputs, list) and len(outputs) == len(flat), \
             f"sglang returned {type(outputs).__name__} of {len(outputs)} outputs for {len(flat)} inputs"
 
-        responses, logprobs, lens, reasons = [], [], [], []
+        responses, logprobs, reasons = [], [], []
         for i, out in enumerate(outputs):
             ids, lps, reason = self._read_output(i, out, max_new_tokens)
-            responses += ids
-            logprobs += lps
-            lens.append(len(ids))
+            responses.append(ids)
+            logprobs.append(lps)
             reasons.append(reason)
-        return RolloutBatch(
-            prompt_ids=torch.tensor([t for p in flat for t in p], dtype=torch.int64),
-            prompt_lens=torch.tensor([len(p) for p in flat], dtype=torch.int64),
-            response_ids=torch.tensor(responses, dtype=torch.int64),
-            response_lens=torch.tensor(lens, dtype=torch.int64),
-            logprobs=torch.tensor(logprobs, dtype=torch.float32),
-            prompt_index=torch.arange(len(prompts)).repeat_interleave(num_samples),
-            finish_reasons=reasons,
-            policy_version=self._version,
-        ).check()
+        return RolloutBatch.from_lists(flat, responses, logprobs,
+                                       prompt_index=torch.arange(len(prompts)).repeat_interleave(num_samples),
+                                       finish_reasons=reasons, policy_version=self._version)
 
     def _sampling_params(self, i: int, *, temperature: float, top_p: float, top_k: int, max_new_tokens: int,
                          greedy: bool, seed: int | None, ignore_eos: bool = False) -> dict[str, Any]:
