@@ -6,19 +6,18 @@ slips early writes every later sum wrong from its own mistake: a sequence-level 
 that state, its own samples do. Same 16-token vocabulary and model shapes as the addition (opd/toy.py); 20,000
 training and 500 held-out problems drawn once with a fixed seed from the 10^6.
 
-Build the assets with ``python -m opd.chain --out assets/chain`` (the study builds them when missing).
+Build the assets with ``python -m opd.programs.build_chain --out assets/chain`` (the study builds them when
+missing).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import logging
 from pathlib import Path
 
 import torch
 
-from opd import toy
+from opd import toy, toy_assets
 
 TERMS = 6
 NUM_PROMPT_TOKENS = 2 * TERMS  # "7+5+9+3+8+6="
@@ -71,34 +70,20 @@ def correct_prefix(prompt_text: str, response_text: str) -> int:
 TASK = toy.Task("toy_chain", problems, is_correct, NUM_PROMPT_TOKENS, NUM_ANSWER_TOKENS, max_positions=64)
 
 
-def teacher_sft() -> toy.SFTConfig:
-    return toy.SFTConfig(max_steps=3000, min_steps=100, eval_every=100, target_accuracy=0.95)
+def teacher_sft() -> toy_assets.SFTConfig:
+    return toy_assets.SFTConfig(max_steps=3000, min_steps=100, eval_every=100, target_accuracy=0.95)
 
 
-def student_sft() -> toy.SFTConfig:
+def student_sft() -> toy_assets.SFTConfig:
     """Weak, but not at 0: the student stops at the first check with >= 5 % of the chains exactly right."""
-    return toy.SFTConfig(max_steps=1500, min_steps=20, eval_every=20, target_accuracy=0.05)
+    return toy_assets.SFTConfig(max_steps=1500, min_steps=20, eval_every=20, target_accuracy=0.05)
 
 
 def build_assets(out_dir: str | Path, seed: int = 0) -> None:
-    toy.build_assets(out_dir, seed, task=TASK, teacher=teacher_sft(), student=student_sft())
+    toy_assets.build_assets(out_dir, seed, task=TASK, teacher=teacher_sft(), student=student_sft())
 
 
 def ensure_assets(out_dir: str | Path) -> Path:
     """``out_dir`` once it holds ``teacher/`` and ``student/``, building them first if missing."""
-    return toy.ensure_assets(out_dir, task=TASK, teacher=teacher_sft(), student=student_sft(), takes="~2 minutes")
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the running-sums teacher/student assets.")
-    parser.add_argument("--out", type=Path, required=True, help="output directory, e.g. assets/chain")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    build_assets(args.out, seed=args.seed)
-
-
-if __name__ == "__main__":
-    main()
+    return toy_assets.ensure_assets(out_dir, task=TASK, teacher=teacher_sft(), student=student_sft(),
+                                    takes="~2 minutes")

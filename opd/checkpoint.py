@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from opd.config import Config, ConfigError, config_from_dict
+from opd.config import Config, ConfigError
+from opd.overrides import config_from_dict
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from opd.config import Config, ConfigError, _parse_value
+from opd.config import Config, ConfigError
+from opd.overrides import _parse_value
 
 
 def load_tree(path: str | Path) -> dict:
@@ -59,7 +60,7 @@ def merge(cfg: Config, tree: dict, where: str = "--config") -> Config:
                 raise ConfigError(f"{where}: unknown setting {section}.{name}"
                                   f"{_nearest(name, field_hints, prefix=section + '.')}")
             merged[section][name] = _coerce(value, field_hints[name], f"{where}: {section}.{name}")
-    from opd.config import config_from_dict
+    from opd.overrides import config_from_dict
 
     return config_from_dict(merged, where)
 

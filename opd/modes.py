@@ -30,6 +30,24 @@ def hidden_transport(cfg: Config) -> str:
     return {"cpu": "object_store", "colocated": "ipc", "split": "collective"}[cfg.run.mode]
 
 
+def weight_route(cfg: Config):
+    """How the learner's weights reach the engines (opd/transport/weights.py), decided here once from mode, engine
+    and replicas: cpu, one learner: the engine maps its fp32 master weights; cpu with sharded learners and
+    colocated with hf: the engine maps a serving buffer; colocated with sglang: CUDA IPC buckets; split: a
+    broadcast (into sglang's own group with sglang)."""
+    import torch
+
+    from opd.models import DTYPES
+    from opd.transport import weights
+
+    r, sglang, dtype = cfg.run, cfg.rollout.engine == "sglang", DTYPES[cfg.model.dtype]
+    if r.mode == "split":
+        return weights.SGLangBroadcastRoute(dtype) if sglang else weights.BroadcastRoute(dtype)
+    if r.mode == "colocated":
+        return weights.SGLangIPCRoute(dtype) if sglang else weights.MappedServingRoute(dtype)
+    return weights.SharedMasterRoute() if r.learner_replicas == 1 else weights.MappedServingRoute(torch.float32)
+
+
 # NVIDIA's minor-version compatibility: a torch built for CUDA <major>.x needs at least this kernel driver branch
 MIN_DRIVER = {13: 580, 12: 525, 11: 450}
 NVIDIA_PROC = Path("/proc/driver/nvidia")  # the kernel driver's own view: its version, one folder per GPU

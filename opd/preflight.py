@@ -13,8 +13,8 @@ from pathlib import Path
 from opd.config import Config, ConfigError, resolve_path
 from opd.prompt_sets import PromptSet, build_prompt_set
 
-TOY_ASSETS = "assets/toy"  # tokenizer, teacher and student of the embedded default (python -m opd.toy)
-CHAIN_ASSETS = "assets/chain"  # the running-sums task's teacher and student (python -m opd.chain), for the study
+TOY_ASSETS = "assets/toy"  # tokenizer, teacher and student of the embedded default (python -m opd.programs.build_toy)
+CHAIN_ASSETS = "assets/chain"  # the study's running-sums teacher and student (python -m opd.programs.build_chain)
 SMOLLM2_ASSETS = "assets/smollm2"  # SmolLM2-135M-Instruct and its layer-pruned student, built from a PyPI package
 
 
@@ -57,7 +57,7 @@ class RunLock:
 def _ensure_builtin(path: Path) -> None:
     """Build the project's own model assets on first use (then they are cached)."""
     if path.parent == resolve_path(TOY_ASSETS):
-        from opd import toy
+        from opd import toy_assets as toy
 
         toy.ensure_assets(path.parent)
     elif path.parent == resolve_path(CHAIN_ASSETS):
@@ -65,7 +65,7 @@ def _ensure_builtin(path: Path) -> None:
 
         chain.ensure_assets(path.parent)
     elif path.parent == resolve_path(SMOLLM2_ASSETS):
-        from opd.models import smollm2_assets
+        from opd.smollm2 import smollm2_assets
 
         smollm2_assets(path.parent)
 
@@ -112,7 +112,8 @@ def preflight(cfg: Config) -> Prepared:
     from transformers import AutoConfig
 
     from opd import trackers
-    from opd.models import ModelError, check_compatible, load_tokenizer, quiet_transformers
+    from opd.compatibility import check_compatible
+    from opd.models import ModelError, load_tokenizer, quiet_transformers
     from opd.modes import check_cpus, check_devices
 
     quiet_transformers()  # its warnings would bury the one line a refusal prints

@@ -4,17 +4,15 @@ What it shows, all read from the run directory: the summary the driver prints (s
 held-out reverse and forward KL, first and last evaluation), the learning curves (training loss and both KLs per
 step, held-out KLs and accuracies per evaluation, response length, step time by phase), the checkpoints, the data
 counts and the resolved config. The driver writes it at the end of a run; `opd report RUN_DIR` (or
-`python -m opd.report RUN_DIR`) writes it again for any run directory, finished or not.
+`python -m opd.programs.report RUN_DIR`) writes it again for any run directory, finished or not.
 """
 
 from __future__ import annotations
 
-import argparse
 import html
 import io
 import json
 import math
-import sys
 from pathlib import Path
 
 from opd.metrics import atomic_path, read_jsonl
@@ -152,8 +150,8 @@ figure svg { width: 100%; height: auto; } pre { background: #f7f7f7; padding: 1e
 
 def build(run_dir: Path) -> str:
     """The report's HTML for `run_dir`."""
-    from opd.config import config_from_dict
     from opd.configfile import to_yaml
+    from opd.overrides import config_from_dict
 
     run_dir = Path(run_dir)
     steps = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
@@ -192,20 +190,3 @@ def write(run_dir: Path) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(build(run_dir))
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="opd report", description="Write RUN_DIR/report.html from a run directory.")
-    ap.add_argument("run_dir")
-    args = ap.parse_args(argv)
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.json").is_file():
-        print(f"error: {run_dir}: not a run directory (no config.json); runs are in run.out_dir (runs/)",
-              file=sys.stderr)
-        return 2
-    print(write(run_dir))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

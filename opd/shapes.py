@@ -47,11 +47,9 @@ def synthetic_tokenizer(size: int):
 
 
 def save_synthetic_tokenizer(out_dir: Path, size: int) -> None:
-    synthetic_tokenizer(size).save_pretrained(str(out_dir))
-    # transformers 5 records "TokenizersBackend", which transformers 4 cannot resolve (as opd/toy.py does)
-    tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
-    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    from opd.models import save_tokenizer  # transformers, imported when a folder is written
+
+    save_tokenizer(synthetic_tokenizer(size), out_dir)
 
 
 def write_model_folder(out_dir: Path, config: dict, tokenizer_size: int, *, num_layers: int = 0,

@@ -16,7 +16,9 @@ from transformers import AutoModelForCausalLM, get_scheduler
 
 from opd.programs import train
 from opd import checkpoint
-from opd.config import ConfigError, override, tiny_cpu
+from opd.config import ConfigError
+from opd.overrides import override
+from opd.presets import tiny_cpu
 from opd.metrics import read_jsonl
 from opd.preflight import make_run_dir, preflight
 

@@ -16,7 +16,9 @@ from transformers import AutoModelForCausalLM, get_scheduler
 
 from opd.transport import weights
 from opd import checkpoint
-from opd.config import PRESETS, ConfigError, config_from_dict, override, tiny_cpu
+from opd.config import ConfigError
+from opd.overrides import config_from_dict, override
+from opd.presets import PRESETS, tiny_cpu
 from opd.metrics import RunStopped, SkipGuard, atomic_path, truncate_jsonl
 
 IDS = torch.tensor([[3, 4, 14, 5, 6, 15, 3, 8], [7, 7, 14, 1, 2, 15, 9, 9]])

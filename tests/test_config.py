@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-from opd.config import ConfigError, override, preset, tiny_cpu
+from opd.config import ConfigError
+from opd.overrides import override
+from opd.presets import preset, tiny_cpu
 
 
 def test_tiny_cpu_preset_and_overrides():

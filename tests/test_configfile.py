@@ -6,8 +6,10 @@ import sys
 
 import pytest
 
-from opd.config import PRESETS, ConfigError, override, preset, tiny_cpu
+from opd.config import ConfigError
 from opd.configfile import load_tree, merge, to_yaml
+from opd.overrides import override
+from opd.presets import PRESETS, preset, tiny_cpu
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -2,7 +2,7 @@
 
 In two processes without Ray (tests/dp_pair.py): one step on a batch whose micro-batch count is odd (so one
 replica runs an empty pass), the same loss and weights as one learner and half its optimizer state each. Then end
-to end under Ray (four driver runs, module fixture; the 2-replica one is README's command with this test's
+to end under Ray (four driver runs, module fixture; the 2-replica one is docs/gpu.md's command with this test's
 settings after it): 3 steps of the default preset with 2 learner replicas give
 the single learner's weights; the data-parallel colocated layout (run.gpus=2, its plumbing on the CPU) gives cpu
 mode's metrics; a run resumed from a 2-replica checkpoint is the uninterrupted one, bit for bit; another
@@ -29,9 +29,11 @@ from safetensors.torch import load_file
 from opd.actors.learner import LearnerActor
 from dp_pair import run_pair, sample, step
 from opd import checkpoint
-from opd.config import ConfigError, RunConfig, override, tiny_cpu
+from opd.config import ConfigError, RunConfig
 from opd.data_parallel import share
 from opd.metrics import read_jsonl
+from opd.overrides import override
+from opd.presets import tiny_cpu
 
 BUDGET = "learner.micro_batch_tokens=12"  # one 7-token prompt + response each: 7 micro-batches (asserted)
 
@@ -105,27 +107,30 @@ def test_preflight_refuses_more_gpus_than_the_machine_has(monkeypatch):
         modes.check_cpus(many)
 
 
-def readme_command(root, start: str) -> list[str]:
-    """The arguments of the README line that starts with `start` (its comment dropped), as a user types them."""
-    lines = [ln for ln in (root / "README.md").read_text().splitlines() if ln.startswith(start)]
-    assert len(lines) == 1, f"README shows one line starting {start!r}"
+def readme_command(root, page: str, start: str) -> list[str]:
+    """The arguments of the line of `page` (README.md or a docs/ page) that starts with `start` (its comment
+    dropped), as a user types them."""
+    lines = [ln for ln in (root / page).read_text().splitlines() if ln.startswith(start)]
+    assert len(lines) == 1, f"{page} shows one line starting {start!r}"
     return shlex.split(lines[0], comments=True)
 
 
 def test_readme_memory_plan_of_two_gpus(root, capsys):
-    from opd import memory
+    from opd.programs import memory_plan
 
-    args = readme_command(root, ".venv/bin/python -m opd.memory --preset qwen25_1p5b_from_7b")
-    assert args[:3] == [".venv/bin/python", "-m", "opd.memory"]
-    memory.main(args[3:])
+    args = readme_command(root, "docs/gpu.md",
+                          ".venv/bin/python -m opd.programs.memory_plan --preset qwen25_1p5b_from_7b")
+    assert args[:3] == [".venv/bin/python", "-m", "opd.programs.memory_plan"]
+    memory_plan.main(args[3:])
     assert "each of GPUs 0-1 (H20, 96.0 GiB) needs 49.1 GiB" in capsys.readouterr().out
-    memory.main([a for a in args[3:] if a not in ("--set", "run.gpus=2")])  # the same on one GPU
+    memory_plan.main([a for a in args[3:] if a not in ("--set", "run.gpus=2")])  # the same on one GPU
     assert "GPU 0 (H20, 96.0 GiB) needs 77.6 GiB" in capsys.readouterr().out
-    assert "49.1 GiB on each of two H20s, against 77.6 GiB on one" in (root / "README.md").read_text()
+    assert "49.1 GiB on each of two H20s, against 77.6 GiB on one" in (root / "docs" / "gpu.md").read_text()
 
 
 def test_memory_plan_shards_the_learner():
-    from opd.memory import Device, plan
+    from opd.memory import plan
+    from opd.memory_device import Device
 
     base = override(override(tiny_cpu(), "model.student=Qwen/Qwen2.5-1.5B-Instruct"),
                     "model.teacher=Qwen/Qwen2.5-7B-Instruct")
@@ -164,7 +169,8 @@ def _sets(settings) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(root, tmp_path_factory):
     out = tmp_path_factory.mktemp("dp")
-    readme = readme_command(root, ".venv/bin/python driver.py --set run.learner_replicas=2")[2:]  # + the settings
+    readme = readme_command(root, "docs/gpu.md",  # + the settings
+                            ".venv/bin/python driver.py --set run.learner_replicas=2")[2:]
     named = {"one": [], "two": readme, "colocated": _sets(["run.mode=colocated", "run.device=cpu", "run.gpus=2"])}
     for name, extra in named.items():
         _driver(root, *extra, *_sets(COMMON + [f"run.out_dir={out}", f"run.name={name}"]))

@@ -1,4 +1,4 @@
-"""`python -m opd.doctor` on this CPU machine, and on simulated machines: a broken or missing cupy, a CUDA-less
+"""`python -m opd.programs.doctor` on this CPU machine, and on simulated machines: a broken or missing cupy, a CUDA-less
 torch beside a GPU, a driver too old for torch's CUDA, a missing sglang; the `gpu` extra against sglang's own
 requirements; the PyPI `kernels` package, and a `kernels/` folder that would shadow it; tests/gpu failing, not
 skipping, on a broken GPU dependency."""
@@ -20,8 +20,11 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 
-from opd import doctor, modes
-from opd.config import ConfigError, override, preset
+from opd import modes
+from opd.config import ConfigError
+from opd.overrides import override
+from opd.presets import preset
+from opd.programs import doctor, doctor_checks, doctor_gpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
 import gpu_deps  # noqa: E402  (tests/gpu on the path)
@@ -38,16 +41,16 @@ def _lines(text: str) -> dict[str, tuple[str, str]]:
 
 
 def test_doctor_as_the_readme_types_it(root):
-    readme = (root / "README.md").read_text()
-    command = re.search(r"^(\.venv/bin/python -m opd\.doctor --gpu)\s", readme, re.M).group(1)
+    readme = (root / "docs" / "gpu.md").read_text()  # the GPU install's page, as the README links it
+    command = re.search(r"^(\.venv/bin/python -m opd\.programs\.doctor --gpu)\s", readme, re.M).group(1)
     assert Path(sys.executable).resolve() == (root / ".venv/bin/python").resolve(), "the tests run in the README's venv"
     out = subprocess.run(command, shell=True, cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert len(out.stdout.splitlines()) <= 30, "one screen"
     lines = _lines(out.stdout)
     assert lines["torch"] == ("ok", f"{torch.__version__} (CPU build)")
-    assert lines["transformers"] == ("ok", f"{importlib.metadata.version('transformers')} ({', '.join(doctor.MODEL_CLASSES)} "
-                                           f"import)")
+    assert lines["transformers"] == ("ok", f"{importlib.metadata.version('transformers')} "
+                                           f"({', '.join(doctor_checks.MODEL_CLASSES)} import)")
     assert lines["kernels"] == ("ok", f"{importlib.metadata.version('kernels')} (PyPI's, the one transformers and sglang "
                                       f"import)")
     assert lines["glibc"][0] == "ok"
@@ -80,7 +83,7 @@ def _fake_dist(path: Path, dist: str, version: str, package: str, body: str) -> 
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
 
 
-def _checks(**kw) -> dict[str, doctor.Check]:
+def _checks(**kw) -> dict[str, doctor_checks.Check]:
     return {c.name: c for c in doctor.run_checks(**kw)}
 
 
@@ -140,8 +143,8 @@ def test_a_driver_too_old_for_torchs_cuda_is_not_no_gpu(tmp_path, monkeypatch):
 
 
 def test_a_missing_sglang(monkeypatch):
-    real = doctor.installed
-    monkeypatch.setattr(doctor, "installed", lambda dist: None if dist == "sglang" else real(dist))
+    real = doctor_checks.installed
+    monkeypatch.setattr(doctor_checks, "installed", lambda dist: None if dist == "sglang" else real(dist))
     check = _checks()["sglang"]
     assert check.status == "skip" and check.detail.startswith("not installed: the rollout.engine=sglang GPU engine")
     assert check.fix == "pip install -e '.[gpu]'"
@@ -184,10 +187,10 @@ def test_the_gpu_extra_agrees_with_sglangs_own_requirements(root):
     assert _cuda_majors(theirs.values()) == {13}, "sglang 0.5.23 is a CUDA 13 stack"
     assert _cuda_majors(ours) <= {13}, f"the gpu extra names another CUDA: {[str(r) for r in ours]}"
     torch_pin = next(str(s.version) for s in theirs["torch"].specifier)
-    readme = (root / "README.md").read_text()
+    readme = (root / "docs" / "gpu.md").read_text()
     for fact in (f"sglang {installed}", f"torch {torch_pin}", "CUDA 13", "driver >= 580",
                  f"flashinfer {next(s.version for s in theirs['flashinfer-python'].specifier)}"):
-        assert fact in readme, f"README: {fact!r}"
+        assert fact in readme, f"docs/gpu.md: {fact!r}"
 
 
 def test_the_cuda_check_sees_a_cupy_for_the_wrong_cuda():
@@ -204,7 +207,7 @@ def test_the_doctor_sees_a_kernels_folder_that_shadows_pypi_kernels(tmp_path):
     had said `ready` and the shadow `harmless` either way, without trying)."""
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "__init__.py").write_text('"""a folder of a project, not the PyPI library"""\n')
-    out = subprocess.run([sys.executable, "-m", "opd.doctor"], cwd=tmp_path, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "opd.programs.doctor"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 1, out.stdout + out.stderr
     lines = _lines(out.stdout)
@@ -224,8 +227,8 @@ def test_the_doctor_sees_a_kernels_folder_that_shadows_pypi_kernels(tmp_path):
 def test_a_model_class_that_does_not_import_fails_the_transformers_check(monkeypatch, tmp_path):
     """transformers installed but a model class failing to import (as with a shadowed `kernels` under
     transformers >= 5.25): FAIL, with the shadow named when `import kernels` finds one."""
-    monkeypatch.setattr(doctor, "MODEL_CLASSES", ("Qwen3ForCausalLM", "NoSuchModelForCausalLM"))
-    check = doctor._transformers_check()
+    monkeypatch.setattr(doctor_checks, "MODEL_CLASSES", ("Qwen3ForCausalLM", "NoSuchModelForCausalLM"))
+    check = doctor_checks._transformers_check()
     assert check.status == "fail" and "but its models do not import (AttributeError" in check.detail
     assert check.fix == "pip install -c constraints.txt -e ."
     shadow = tmp_path / "kernels" / "__init__.py"
@@ -233,9 +236,9 @@ def test_a_model_class_that_does_not_import_fails_the_transformers_check(monkeyp
     shadow.write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "kernels", raising=False)
-    check = doctor._transformers_check()
+    check = doctor_checks._transformers_check()
     assert check.fix.startswith(f"{shadow} shadows the PyPI kernels library transformers imports")
-    assert doctor._kernels_check().status == "fail"
+    assert doctor_checks._kernels_check().status == "fail"
 
 
 def test_sglangs_import_of_pypi_kernels_finds_it(root):
@@ -313,19 +316,19 @@ def test_tests_gpu_check_their_dependencies_through_gpu_deps(root):
 
 def test_the_ipc_check_maps_memory_across_processes_on_cpu():
     """The same check as on a GPU, with the shared-memory file the colocated plumbing uses on CPU."""
-    check = doctor.ipc_round_trip(device="cpu")
+    check = doctor_gpu.ipc_round_trip(device="cpu")
     assert (check.status, check.detail) == ("ok", "4 MiB mapped by a second process: read intact, its write seen here")
 
 
 def test_the_communicator_check_on_gloo():
-    check = doctor.nccl_one_gpu(backend="gloo")
+    check = doctor_gpu.nccl_one_gpu(backend="gloo")
     assert (check.status, check.detail) == ("ok", "a one-rank gloo all-reduce returned its input")
 
 
 @pytest.mark.parametrize("measured,status", [(700e12, "ok"), (100e12, "fail")])
 def test_a_roof_far_below_the_datasheet_fails(measured, status, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
-    check = doctor._against_datasheet("bf16 gemm", measured, 989e12, "TFLOP/s", 1e12)
+    check = doctor_gpu._against_datasheet("bf16 gemm", measured, 989e12, "TFLOP/s", 1e12)
     assert check.status == status and check.detail.startswith(f"{measured / 1e12:.0f} TFLOP/s, ")
 
 
@@ -347,7 +350,7 @@ def version(dist):
         raise importlib.metadata.PackageNotFoundError(dist)
     return real(dist)
 importlib.metadata.version = version
-from opd import doctor
+from opd.programs import doctor
 sys.exit(doctor.main(["--gpu"]))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)

@@ -272,8 +272,9 @@ def test_preallocated_cache_layer_equals_transformers_dynamic_layer():
 
 
 def _skip_without_a_compiler():
-    from opd.config import ConfigError, tiny_cpu
+    from opd.config import ConfigError
     from opd.preflight import check_compiler
+    from opd.presets import tiny_cpu
 
     try:
         check_compiler(dataclasses.replace(tiny_cpu(), rollout=dataclasses.replace(tiny_cpu().rollout, compile=True)))

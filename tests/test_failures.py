@@ -16,7 +16,8 @@ from opd.programs import train
 from opd.actors.learner import LearnerActor
 from opd import checkpoint
 from conftest import CALM_STEPS
-from opd.config import override, tiny_cpu
+from opd.overrides import override
+from opd.presets import tiny_cpu
 
 
 def _run_dir_with_a_checkpoint(tmp_path):

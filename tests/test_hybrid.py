@@ -14,7 +14,9 @@ from conftest import toy_states
 from opd.kernels.chunked import chunked_cross_entropy
 from opd.kernels.reference import distill_loss
 from opd.batch import RolloutBatch
-from opd.config import ConfigError, override, tiny_cpu
+from opd.config import ConfigError
+from opd.overrides import override
+from opd.presets import tiny_cpu
 from opd.models import load_tokenizer
 from opd.prompt_sets import build_prompt_set, student_ids
 from test_bad_input import _preflight_error

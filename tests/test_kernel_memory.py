@@ -1,5 +1,5 @@
-"""The chunked kernels' extra memory does not grow with the number of tokens (README, "Performance: the loss
-kernel"): forward + backward at N and at 4N tokens, each in a fresh process, peak resident set over the
+"""The chunked kernels' extra memory does not grow with the number of tokens (docs/benchmark.md, "Performance: the
+loss kernel"): forward + backward at N and at 4N tokens, each in a fresh process, peak resident set over the
 resident set just before the step. A kernel that materialises the batch's `[N, V]` logits passes every numerical
 test in tests/test_kernels.py and fails here: planted as "the whole batch as one chunk", all three cases failed
 (3.6 GiB extra at 4N against 0.9 GiB at N); any `[N, V]` fp32 buffer adds 3N x V x 4 bytes (384 MiB) from N to 4N.

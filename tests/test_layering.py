@@ -3,7 +3,7 @@
 The floors, top to bottom, are written once, here. A module may import its own floor and the floors below; an
 import inside a function counts like one at the top of the file (a lazy import still ties the two modules), and
 so does `importlib.import_module("...")` with a literal name. README's Layout section lists the same folders in
-the same order.
+the same order, and a line for every folder of opd/.
 """
 
 from __future__ import annotations
@@ -150,13 +150,36 @@ def test_the_check_finds_a_circle_and_a_module_on_no_floor(tmp_path):
                                                                                                   "opd.c"}
 
 
-def test_readme_layout_lists_the_floors_top_to_bottom(root):
+def readme_layout(root: Path) -> list[str]:
+    """The entries of README.md's Layout block: the first word of each line that does not start with a space."""
     readme = (root / "README.md").read_text()
     layout = re.search(r"## Layout\n.*?```\n(.*?)```", readme, re.S)
     assert layout, "README.md has a ## Layout section with a code block"
-    listed = [m.group(1).replace("/", ".") for m in re.finditer(r"^(\S+?)(?:/|\.py)?\s", layout.group(1), re.M)]
+    return re.findall(r"^(\S+)\s", layout.group(1), re.M)
+
+
+def test_readme_layout_lists_the_floors_top_to_bottom(root):
+    listed = [re.sub(r"(/|\.py)$", "", entry).replace("/", ".") for entry in readme_layout(root)]
     expected = [top for _, tops in FLOORS for top in tops] + ["tests"]
+    listed = [name for name in listed if name in expected]  # deeper folders (opd/actors/engines/): the next test
     assert listed == expected, "README's Layout lists the folders floor by floor, as tests/test_layering.py's FLOORS"
+
+
+def test_readme_layout_names_every_package_folder_of_opd_floor_by_floor(root):
+    """Every folder of opd/ that holds Python modules has a line of its own in the Layout, every folder the Layout
+    names exists, and the lines go down the floors (top floor first). Modules are not checked: they come and go."""
+    entries = readme_layout(root)
+    folders = [entry for entry in entries if entry.endswith("/")]
+    missing = [f for f in folders if not (root / f).is_dir()]
+    assert not missing, f"README's Layout names folders that do not exist: {missing}"
+    packages = sorted({f"{p.parent.relative_to(root).as_posix()}/" for p in (root / "opd").rglob("*.py")})
+    unnamed = [p for p in packages if p not in folders]
+    assert not unnamed, f"README's Layout has no line for {unnamed}"
+    floors = [(entry, floor_of(re.sub(r"(/|\.py)$", "", entry).replace("/", "."))) for entry in entries]
+    floors = [(entry, floor) for entry, floor in floors if floor is not None]
+    assert [f for _, f in floors] == sorted(f for _, f in floors), (
+        "README's Layout goes down the floors of tests/test_layering.py, top first: "
+        + ", ".join(f"{entry} ({FLOORS[floor][0]})" for entry, floor in floors))
 
 
 @pytest.mark.parametrize("path", ["driver.py", "opd/programs/train.py", "opd/actors", "opd/cluster"])

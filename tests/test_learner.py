@@ -8,7 +8,8 @@ from opd.actors.rollout import RolloutActor
 from opd.actors.teacher import TeacherActor
 from conftest import whole
 from opd.kernels.reference import distill_loss, sampled_rkl_loss
-from opd.config import override, tiny_cpu
+from opd.overrides import override
+from opd.presets import tiny_cpu
 
 
 def test_learner_loss_equals_reference_and_the_engine_sees_the_step(root, tmp_path):

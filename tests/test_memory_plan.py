@@ -1,7 +1,7 @@
-"""The memory plan (opd/memory.py): its numbers for a small model against values worked out by hand, what its
-terms grow with (tokens per micro-batch, not the batch), and the one-line refusal of a config that cannot fit on a
-device given by its memory (no GPU needed). The plan's calibration against measured CPU peaks is
-scripts/measure_step_memory.py (docs/LOG.md)."""
+"""The memory plan (opd/memory.py, its terms opd/memory_terms.py): its numbers for a small model against values
+worked out by hand, what its terms grow with (tokens per micro-batch, not the batch), and the one-line refusal of
+a config that cannot fit on a device given by its memory (no GPU needed). The plan's calibration against measured
+CPU peaks is scripts/measure_step_memory.py (docs/LOG.md)."""
 
 import json
 
@@ -9,12 +9,16 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from opd import memory
-from opd.config import ConfigError, override, preset, tiny_cpu
+from opd import memory, memory_device, memory_terms
+from opd.config import ConfigError
+from opd.memory_device import Device
+from opd.memory_shapes import model_arch
+from opd.overrides import override
+from opd.presets import preset, tiny_cpu
 
 GIB = 1 << 30
 MIB = 1 << 20
-H200 = memory.Device.gpu(141 * GIB, "NVIDIA H200")
+H200 = Device.gpu(141 * GIB, "NVIDIA H200")
 # Qwen2-style (q/k/v biases, untied head): student d=64, 2 layers, 4 heads of 16 (2 KV heads), FFN 128, V=1000;
 # teacher d=96, 3 layers, 6 heads of 16 (2 KV heads), FFN 192, V=1024 (more output rows, as Qwen2.5-7B has)
 STUDENT = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -53,7 +57,7 @@ def _with(cfg, *assignments):
 def test_parameter_counts_are_the_models(small):
     """By hand: student 2 x 64000 (embedding, head) + 2 x (36864 matmul + 128 norms + 128 biases) + 64 = 202304;
     teacher 2 x 98304 + 3 x (79872 + 192 + 160) + 96 = 437376; and what transformers builds."""
-    student, teacher = memory.model_arch(small.model.student), memory.model_arch(small.model.teacher)
+    student, teacher = model_arch(small.model.student), model_arch(small.model.teacher)
     assert (student.params, teacher.params) == (202304, 437376)
     for shape, arch in ((STUDENT, student), (TEACHER, teacher)):
         with torch.device("meta"):
@@ -62,7 +66,7 @@ def test_parameter_counts_are_the_models(small):
 
 
 def test_plan_numbers_by_hand(small):
-    p = memory.plan(small, memory.Device.cpu(64 * GIB), prompt_tokens=10)
+    p = memory.plan(small, Device.cpu(64 * GIB), prompt_tokens=10)
     learner, teacher, rollout = (p.actors[r].breakdown() for r in ("learner", "teacher", "rollout"))
     # learner: fp32 weights and gradients, two AdamW moments, the fp32 teacher head [1024, 96]
     assert learner["weights"] == learner["grads"] == 202304 * 4 and learner["optimizer"] == 2 * 202304 * 4
@@ -99,10 +103,10 @@ def test_plan_numbers_by_hand(small):
     assert rollout["generate KV cache"] == 4 * 16 * 512 + 4 * 16 * 512 // 2
     # the machine's RAM holds every actor's persistent terms and the largest phase (they run one after another)
     persistent = sum(p.actors[r].persistent_bytes for r in ("rollout", "teacher", "learner"))
-    assert persistent == 3 * memory.CPU_PROCESS_BYTES + 4 * 202304 * 4 + 1024 * 96 * 4 + 437376 * 2
+    assert persistent == 3 * memory_terms.CPU_PROCESS_BYTES + 4 * 202304 * 4 + 1024 * 96 * 4 + 437376 * 2
     assert p.uses[0].need_bytes == persistent + 877312 and p.fits
     # the whole batch in one micro-batch: the step drops the last step's gradients before the forward
-    whole = memory.plan(override(small, "learner.micro_batch_tokens=0"), memory.Device.cpu(64 * GIB),
+    whole = memory.plan(override(small, "learner.micro_batch_tokens=0"), Device.cpu(64 * GIB),
                         prompt_tokens=10).actors["learner"].breakdown()
     assert whole["grads not yet rebuilt"] == -202304 * 4
 
@@ -112,7 +116,7 @@ def test_activations_follow_the_micro_batch_not_the_batch(small):
     square) and not at all with the batch; the teacher's states too in cpu mode (streamed); the KV cache, and the
     states the GPU transports keep, grow with it."""
     def terms(*assignments):
-        p = memory.plan(_with(small, "train.prompts_per_step=64", *assignments), memory.Device.cpu(64 * GIB),
+        p = memory.plan(_with(small, "train.prompts_per_step=64", *assignments), Device.cpu(64 * GIB),
                         prompt_tokens=10)
         return {r: a.breakdown() for r, a in p.actors.items()}
 
@@ -140,7 +144,7 @@ def test_activations_follow_the_micro_batch_not_the_batch(small):
 
 
 def test_checkpointing_and_bf16_compute_change_the_activations(small):
-    cpu = memory.Device.cpu(64 * GIB)
+    cpu = Device.cpu(64 * GIB)
     base = memory.plan(small, cpu, prompt_tokens=10).actors["learner"].breakdown()
     ckpt = memory.plan(_with(small, "learner.gradient_checkpointing=true"), cpu,
                        prompt_tokens=10).actors["learner"].breakdown()
@@ -168,7 +172,7 @@ def test_anchor_hub_ids_use_the_shape_files_and_others_are_not_planned(monkeypat
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)  # no cached configs
     for name in ("qwen25_1p5b_from_7b", "qwen3_1p7b_from_8b"):
         cfg = preset(name)
-        assert memory.model_arch(cfg.model.student).source.endswith(".json")
+        assert model_arch(cfg.model.student).source.endswith(".json")
         p = memory.check(cfg, H200)  # the presets fit an H200 as they are
         assert p.fits and not p.not_planned and len(p.format().splitlines()) == 1
     p = memory.check(preset("llama32_1b_from_3b"), H200)  # no shape file: no invented numbers, no refusal
@@ -198,17 +202,17 @@ def test_a_config_that_cannot_fit_is_refused_with_the_setting_to_change():
     message = _refusal(_with(cfg, "rollout.engine=sglang", "rollout.mem_fraction=0.9"), H200)
     assert "rollout does not fit" in message and "lower rollout.mem_fraction (now 0.9)" in message
     # a 40 GiB GPU: the three actors' weights and the learner's optimizer state alone are too much
-    a100 = memory.Device.gpu(40 * GIB, "NVIDIA A100-SXM4-40GB")
+    a100 = Device.gpu(40 * GIB, "NVIDIA A100-SXM4-40GB")
     message = _refusal(cfg, a100)
     assert "weights, gradients and optimizer state alone" in message and "use --mode split" in message
     # split mode: the learner alone on GPU 0, rollout and teacher on GPU 1, each against one GPU's memory
-    p = memory.plan(_with(cfg, "run.mode=split"), memory.Device.gpu(80 * GIB, "NVIDIA H100 80GB HBM3", 2))
+    p = memory.plan(_with(cfg, "run.mode=split"), Device.gpu(80 * GIB, "NVIDIA H100 80GB HBM3", 2))
     assert [(u.name, u.roles) for u in p.uses] == [("GPU 0", ("learner",)), ("GPU 1", ("rollout", "teacher"))]
     assert p.uses[0].need_bytes == p.actors["learner"].peak_bytes and p.fits
 
 
 def test_the_cpu_only_warns(small):
-    p = memory.check(small, memory.Device.cpu(64 * MIB), prompt_tokens=10)  # does not raise
+    p = memory.check(small, Device.cpu(64 * MIB), prompt_tokens=10)  # does not raise
     assert not p.fits and len(p.problems) == 1 and "on RAM (RAM, 0.1 GiB)" in p.problems[0]
 
 
@@ -217,14 +221,14 @@ def test_preflight_refuses_before_the_run_directory(tmp_path, monkeypatch, capsy
     run directory; the default run prints nothing about memory."""
     from opd import preflight as pf
 
-    monkeypatch.setattr(memory, "detect", lambda cfg: memory.Device.gpu(GIB, "a 1 GiB GPU"))
+    monkeypatch.setattr(memory, "detect", lambda cfg: Device.gpu(GIB, "a 1 GiB GPU"))
     # ray_address: the GPU count is the cluster's, so the device check lets the mode through to the plan
     cfg = _with(tiny_cpu(), "run.mode=colocated", "run.ray_address=127.0.0.1:1", f"run.out_dir={tmp_path}",
                 "data.num_eval_prompts=8")
     with pytest.raises(ConfigError, match="memory plan: .* does not fit on GPU 0 .*use --mode split"):
         pf.preflight(cfg)
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(memory, "detect", lambda cfg: memory.Device.gpu(80 * GIB, "an 80 GiB GPU"))
+    monkeypatch.setattr(memory, "detect", lambda cfg: Device.gpu(80 * GIB, "an 80 GiB GPU"))
     pf.preflight(override(cfg, "run.name=fits"))
     assert capsys.readouterr().out.startswith("memory plan (colocated): GPU 0 (an 80 GiB GPU, 80.0 GiB) needs ")
     monkeypatch.undo()
@@ -242,8 +246,8 @@ def test_the_gpu_is_read_from_nvidia_smi(monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: Done())
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2")
-    device = memory.detect(preset("qwen25_1p5b_from_7b"))
-    assert device == memory.Device("cuda", "NVIDIA H200", 143771 << 20, 2)
+    device = memory_device.detect(preset("qwen25_1p5b_from_7b"))
+    assert device == Device("cuda", "NVIDIA H200", 143771 << 20, 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert memory.detect(preset("qwen25_1p5b_from_7b")).name == "NVIDIA H100 80GB HBM3"
-    assert memory.detect(tiny_cpu()).kind == "cpu"
+    assert memory_device.detect(preset("qwen25_1p5b_from_7b")).name == "NVIDIA H100 80GB HBM3"
+    assert memory_device.detect(tiny_cpu()).kind == "cpu"

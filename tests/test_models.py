@@ -1,4 +1,5 @@
-"""opd/models.py: loading, the student/teacher compatibility check, layer pruning and the SmolLM2 assets.
+"""opd/models.py (loading), opd/compatibility.py (the student/teacher check), opd/pruning.py (layer pruning) and
+opd/smollm2.py (the SmolLM2 assets).
 
 Everything except the SmolLM2 build runs on tiny models built from configs in tmp_path (well under a second each).
 """
@@ -14,15 +15,10 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from opd import toy
-from opd.models import (
-    ModelError,
-    check_compatible,
-    kept_layer_indices,
-    load_model,
-    load_tokenizer,
-    prune_layers,
-    smollm2_assets,
-)
+from opd.compatibility import check_compatible
+from opd.models import ModelError, load_model, load_tokenizer
+from opd.pruning import kept_layer_indices, prune_layers
+from opd.smollm2 import smollm2_assets
 
 
 def char_tokenizer(vocab=None, *, pad=toy.PAD, bos_processor=False) -> PreTrainedTokenizerFast:

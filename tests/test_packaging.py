@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from opd.doctor import is_pypi_kernels
 from opd.metrics import read_jsonl
+from opd.programs.doctor_checks import is_pypi_kernels
 
 DIST = "opd-ray"
 

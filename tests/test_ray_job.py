@@ -1,14 +1,14 @@
-"""The README's "On a Ray cluster" commands, run as a user types them after the README's set-up: a token, a local
-`ray start --head`, `ray job submit` of the default run with the virtual environment's Python.
+"""docs/ray_cluster.md's "On a Ray cluster" commands, run as a user types them after the README's set-up: a token,
+a local `ray start --head`, `ray job submit` of the default run with the virtual environment's Python.
 
-Only what the test adds to the README's lines: `--block` on `ray start` (the head then stays in this test's own
+Only what the test adds to the page's lines: `--block` on `ray start` (the head then stays in this test's own
 process group, which the test stops by signalling that group: only what it started is stopped; `ray stop` would
-stop every Ray of the user), and `--set` overrides after the README's submit command (2 steps, the run
+stop every Ray of the user), and `--set` overrides after the page's submit command (2 steps, the run
 directory in a temporary folder; later `--set`s win). PATH is the machine's, HOME a temporary folder (the token
 goes there; a token another Ray left in ~/.ray must not decide the outcome), and so is RAY_TMPDIR (the head's
 session and the address file `ray start` leaves, which later tests' `ray.init()` would otherwise try to join). The job agent may answer "No
 available agent to submit job" for a while after the head starts (and find no Ray before that): the submission
-is repeated on those answers alone, within a bound (nothing was started), as the README says.
+is repeated on those answers alone, within a bound (nothing was started), as the page says.
 """
 
 import os
@@ -27,8 +27,8 @@ AGENT_NOT_READY = "No available agent to submit job"
 NOT_UP_YET = (AGENT_NOT_READY, "Could not find any running Ray instance", "Failed to connect", "Connection refused")
 
 
-def readme_block(root, heading: str) -> list[str]:
-    text = (root / "README.md").read_text()
+def readme_block(root, page: str, heading: str) -> list[str]:
+    text = (root / page).read_text()
     section = text[text.index(heading):]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     return [line.split("  #")[0].strip() for line in block.strip().splitlines()]
@@ -36,7 +36,7 @@ def readme_block(root, heading: str) -> list[str]:
 
 @pytest.mark.slow
 def test_readme_ray_job_commands_run_the_default(root, tmp_path):
-    token, start, submit = readme_block(root, "## On a Ray cluster")
+    token, start, submit = readme_block(root, "docs/ray_cluster.md", "# On a Ray cluster")
     assert start.startswith("RAY_AUTH_MODE=token ") and "ray start --head" in start
     assert "$PWD/.venv/bin/python driver.py" in submit
     home = tmp_path / "home"

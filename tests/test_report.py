@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from opd import report
-from opd.config import override, tiny_cpu
 from opd.configfile import merge
+from opd.overrides import override
+from opd.presets import tiny_cpu
 
 
 class _Page(HTMLParser):

@@ -438,13 +438,15 @@ def _rollout_actor_with_fake(mode, streams=()):
     import dataclasses
 
     from opd.actors.rollout import RolloutActor
-    from opd.config import preset
+    from opd.modes import weight_route
+    from opd.presets import preset
 
     cfg = preset("tiny_cpu")
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, mode=mode),
                               rollout=dataclasses.replace(cfg.rollout, engine="sglang", max_new_tokens=3))
     actor = object.__new__(RolloutActor)
     actor.cfg, actor.replica, actor.sglang = cfg, 1, True
+    actor.weights = weight_route(cfg)  # as RolloutActor.__init__ chooses it
     actor.engine, fake = _adapter(streams)
     return actor, fake
 

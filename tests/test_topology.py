@@ -6,7 +6,8 @@ import pytest
 
 from opd.cluster.placement import placement_plan
 from opd import modes
-from opd.config import ConfigError, preset
+from opd.config import ConfigError
+from opd.presets import preset
 
 
 def _places(plan):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd import toy
+from opd import toy, toy_assets
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "toy"
 
@@ -80,9 +80,9 @@ def test_configs() -> None:
 
 def test_sft_config_validation() -> None:
     with pytest.raises(ValueError, match="lr"):
-        toy.SFTConfig(lr=0.0)
+        toy_assets.SFTConfig(lr=0.0)
     with pytest.raises(ValueError, match="target_accuracy"):
-        toy.SFTConfig(target_accuracy=1.5)
+        toy_assets.SFTConfig(target_accuracy=1.5)
 
 
 def test_committed_teacher_is_accurate(tokenizer) -> None:
@@ -104,4 +104,4 @@ def test_committed_student_is_weak_but_not_zero(tokenizer) -> None:
 
 
 def test_ensure_assets_does_not_rebuild_existing() -> None:
-    assert toy.ensure_assets(ASSETS) == ASSETS
+    assert toy_assets.ensure_assets(ASSETS) == ASSETS

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from opd.config import ConfigError, override, tiny_cpu
+from opd.config import ConfigError
 from opd.metrics import read_jsonl
+from opd.overrides import override
+from opd.presets import tiny_cpu
 
 
 @pytest.mark.slow

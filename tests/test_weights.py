@@ -7,8 +7,9 @@ from transformers import AutoModelForCausalLM
 
 from opd.actors.learner import LearnerActor
 from opd.actors.rollout import RolloutActor
+from opd.overrides import override
+from opd.presets import tiny_cpu
 from opd.transport import weights
-from opd.config import override, tiny_cpu
 
 
 def _student(root):

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from opd.config import Config, resolve_path
+from opd.config import Config
 from opd.modes import uses_gpus
 from opd.models import load_model, load_tokenizer, model_source, quiet_transformers
 

@@ -23,7 +23,8 @@ from opd import checkpoint, data_parallel
 from opd.batch import SOURCES, STUDENT, OutputHead, PackedRows, RolloutBatch, TeacherScores, padding_waste
 from opd.config import Config
 from opd.metrics import loss_metrics
-from opd.models import DTYPES, model_source
+from opd.models import model_source
+from opd.modes import weight_route
 from opd.transport import hidden_states, weights
 
 
@@ -48,19 +49,13 @@ class LearnerActor:
         if self.world > 1:
             data_parallel.shard(self.student, data_parallel.init_group(rank, self.world, init_method, self.device),
                                 bf16=self.autocast and self.device.type == "cuda")
-        # cpu, one learner: the engine maps the fp32 master weights themselves. Otherwise it maps (or receives) a
-        # flat copy in the serving dtype that every sync refreshes in place (fp32 master weights stay the
-        # learner's own; sharded, each replica gathers the whole weights into its own copy).
-        self.shared = self.serving = None
-        if cfg.run.mode == "cpu":
+        # how the weights reach the engines (opd/modes.py weight_route): the fp32 master weights mapped as they are
+        # (cpu, one learner), or a flat copy in the serving dtype that every sync refreshes in place and the
+        # engines map or receive (sharded: each replica gathers the whole weights into its own copy)
+        if self.device.type == "cpu":
             weights.reclaim_stale()  # what learners killed before their shutdown left in /dev/shm
-        if cfg.run.mode == "cpu" and self.world == 1:
-            self.shared = weights.share_parameters(self.model, f"student-{uuid.uuid4().hex[:8]}")
-        else:
-            dtype = torch.float32 if cfg.run.mode == "cpu" else DTYPES[cfg.model.dtype]  # what the engine loaded
-            self.serving = weights.ServingBuffer(weights.FlatLayout.of(self.model), dtype, device=self.device)
-            self.buckets = tuple(weights.plan_buckets(self.serving.layout,
-                                                      element_bytes=self.serving.flat.element_size()))
+        self.weights = weight_route(cfg)
+        self.weights.setup(self.model, self.device, f"student-{uuid.uuid4().hex[:8]}")
         self._weights_group = None  # split mode, sglang engines: the torch.distributed group they joined
         # fused: one kernel for all parameters on CUDA (fp32 state either way; sharded: this replica's shards)
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=lc.lr, betas=lc.adam_betas,
@@ -98,36 +93,26 @@ class LearnerActor:
     memory_stats, reset_peak_memory = memory_stats, reset_peak_memory  # the benchmark's peak memory
 
     def export_weights(self, full: bool = False) -> weights.WeightUpdate:
-        """cpu / colocated: the first update (or a `full` one, for an engine that was restarted) carries the
-        buffer's handle, later ones only the version."""
+        """This sync's update (WeightRoute.export): the first one (or a `full` one, for an engine that was
+        restarted) carries what the engine maps, later ones refresh the buffer and carry the version."""
         first = full or not self._exported
         self._exported = True
-        if self.serving is None:
-            return weights.WeightUpdate(self.version, shared=self.shared if first else None)
-        self.serving.refresh(self.model)  # the one cast copy: fp32 master -> serving dtype, in place
-        if self.serving.flat.is_cuda:
-            torch.cuda.synchronize(self.device)  # other processes read the buffer next, on their own streams
-        if self.cfg.run.mode == "split":  # the bytes follow in broadcast_weights, called beside the engines'
-            return weights.WeightUpdate(self.version, broadcast=weights.BroadcastSpec(
-                self.serving.layout, self.serving.dtype, self.buckets, weights.WEIGHTS_GROUP))
-        if self.cfg.rollout.engine == "sglang":
-            # Fresh IPC handles for each sync (sglang releases each one it opened); the buffer never moves, and
-            # it is not rewritten before the next sync, after the engine has generated with these weights.
-            from opd.transport.sglang_weights import encode_flattened_bucket
+        return self.weights.export(self.model, self.version, first)
 
-            return weights.WeightUpdate(self.version, sglang_buckets=tuple(
-                encode_flattened_bucket([(n, t) for n, t in self.serving.named_views()[b.start:b.stop]], 1)
-                for b in self.buckets))
-        handle = weights.ServingHandle(weights.share_handle(self.serving.flat), self.serving.layout,
-                                       self.serving.dtype) if first else None
-        return weights.WeightUpdate(self.version, serving=handle)
+    @property
+    def shared(self) -> weights.SharedWeights | None:
+        return self.weights.shared  # cpu, one learner: the fp32 master weights' shared file
+
+    @property
+    def serving(self) -> weights.ServingBuffer | None:
+        return self.weights.serving  # the GPU modes (and sharded cpu learners): the serving-dtype copy
 
     def weight_version(self) -> int:
         return self.version
 
     def broadcast_weights(self) -> int:
         """split mode: send the serving buffer (refreshed by export_weights) to every engine, bucket by bucket."""
-        weights.broadcast_buckets(self.serving, self.buckets, weights.WEIGHTS_GROUP, process_group=self._weights_group)
+        self.weights.broadcast(self._weights_group)
         return self.version
 
     def _part(self, batch: RolloutBatch, packed: PackedRows, k: int, parts: Sequence) -> TeacherScores:
@@ -374,8 +359,7 @@ class LearnerActor:
         return self.version
 
     def shutdown(self) -> None:
-        if self.shared is not None:
-            weights.release(self.shared)
+        self.weights.release()
 
 
 def _rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:

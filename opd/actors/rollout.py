@@ -8,6 +8,7 @@ from opd.actors.engines.hf import HFEngine, resolve_sampler
 from opd.batch import RolloutBatch
 from opd.config import Config
 from opd.models import model_source
+from opd.modes import weight_route
 from opd.transport.weights import WeightUpdate
 
 
@@ -17,6 +18,7 @@ class RolloutActor:
         self.cfg, self.replica = cfg, replica
         eos_id, pad_id, _ = special_ids(cfg.model.student)
         self.sglang = cfg.rollout.engine == "sglang"
+        self.weights = weight_route(cfg)  # how the learner's weights arrive (opd/modes.py)
         if self.sglang:
             from opd.actors.engines.sglang import SGLangEngine
 
@@ -25,12 +27,11 @@ class RolloutActor:
                                                    dtype=cfg.model.dtype, random_seed=cfg.train.seed + replica)
         else:
             device = actor_device(cfg)
-            # cpu mode: the engine's parameters become views of the learner's fp32 buffer, so load it in fp32;
-            # the GPU modes serve the model.dtype copy the learner publishes.
-            model = load(cfg, "student", dtype="float32" if cfg.run.mode == "cpu" else None)
-            # colocated: the parameters become views of the learner's serving buffer at the first sync, straight
-            # from host memory; moving them to the GPU first would strand a second copy of the student there
-            model = model if cfg.run.mode == "colocated" else model.to(device)
+            # the dtype of what the learner publishes (cpu: its fp32 master weights; the GPU modes: model.dtype)
+            model = load(cfg, "student", dtype=self.weights.engine_dtype)
+            # a mapped serving buffer: the parameters become views of it at the first sync, straight from host
+            # memory; moving them to the GPU first would strand a second copy of the student there
+            model = model if self.weights.engine_on_host else model.to(device)
             self.engine = HFEngine(model, eos_id=eos_id, pad_id=pad_id, compile=cfg.rollout.compile,
                                    sampler=resolve_sampler(cfg.rollout.sampler, device))
 
@@ -56,17 +57,8 @@ class RolloutActor:
         return batch.planned(self.cfg.learner.micro_batch_tokens)  # the plan the teacher and learner follow
 
     def load_weights(self, update: WeightUpdate) -> int:
-        if not self.sglang:
-            return self.engine.load_weights(update)  # maps the shared buffer / receives the broadcast
-        from opd.transport.sglang_weights import DistributedUpdate, TensorBucketUpdate
-
-        if update.sglang_buckets is not None:  # colocated: CUDA IPC handles to the learner's serving buffer
-            return self.engine.load_weights(TensorBucketUpdate(update.version, buckets=update.sglang_buckets))
-        spec = update.broadcast  # split: one broadcast per bucket, received by sglang into its own buffers
-        layout = spec.layout
-        return self.engine.load_weights(DistributedUpdate(
-            update.version, names=layout.names, dtypes=[spec.dtype] * len(layout.names), shapes=layout.shapes,
-            group_name=spec.group, load_format="flattened_bucket", bucket_sizes=[len(b) for b in spec.buckets]))
+        """The learner's update to the engine: mapped, received by broadcast, or through sglang's update calls."""
+        return self.weights.load(self.engine, update)
 
     join_groups = join_groups  # split mode, hf engine: rank 1 + replica of the weights group
 

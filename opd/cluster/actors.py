@@ -4,6 +4,7 @@ where they run, opd/cluster/topology.py's."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -13,7 +14,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from opd.batch import RolloutBatch
 from opd.config import Config
 from opd.metrics import RunStopped
-from opd.modes import hidden_transport
+from opd.modes import hidden_transport, weight_route
 
 RECOVER_TIMEOUT_S = 300  # a restarted actor reloads its model
 
@@ -158,7 +159,7 @@ class Actors:
         """The learner's current weights to every rollout replica; returns the version they all hold."""
         updates = self._learners("export_weights")  # sharded: each replica gathers the whole weights
         loads = self._load(list(range(len(self.rollouts))), updates)
-        broadcast = [self.learner.broadcast_weights.remote()] if self.cfg.run.mode == "split" else []
+        broadcast = [self.learner.broadcast_weights.remote()] if weight_route(self.cfg).broadcasts else []
         collect(updates + loads + broadcast)
         versions = ray.get(loads + broadcast)
         ray.get(self._sends)

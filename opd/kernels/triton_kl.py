@@ -62,6 +62,7 @@ def _resolve_kind(kind: str, beta: float) -> int:
 
 if triton is not None:
 
+    # One @triton.jit body is one GPU program: kept whole (98 lines), as splitting it costs registers and readability.
     @triton.jit
     def _row_divergence_kernel(
         student_ptr, teacher_ptr, weights_ptr, rows_ptr, stats_ptr,

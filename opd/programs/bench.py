@@ -6,7 +6,7 @@
     python driver.py --preset qwen25_1p5b_from_7b --mode split --bench --set bench.shapes=qwen25_1p5b_7b
 
 A benchmark step is a training step: the training loop's `Step` (rollout -> teacher -> learner -> sync, restarts
-and run.overlap as in training, opd/programs/train.py), on random prompts of `bench.prompt_tokens` ids and fixed-length responses
+and run.overlap as in training, opd/programs/step.py), on random prompts of `bench.prompt_tokens` ids and fixed-length responses
 (`rollout.ignore_eos`: every response has `rollout.max_new_tokens` tokens, so every step does the same work).
 `bench.warmup_steps` untimed steps come first; then, over `bench.steps` timed steps, each phase's wall time,
 response tokens per second, each actor's peak memory, and the phase's roofline (opd/roofline.py): its FLOPs and
@@ -35,7 +35,7 @@ from opd.shapes import SHAPE_PAIRS
 
 SCHEMA_PATH = PROJECT_ROOT / "docs" / "bench_schema.json"
 SCHEMA_ID = "opd-bench/2"
-# the training step's phases (opd/programs/train.py PhaseClock), and those the roofline bounds: `train` is the
+# the training step's phases (opd/programs/step.py PhaseClock), and those the roofline bounds: `train` is the
 # learner's forward-backward and optimizer step, each timed on its own clock
 STEP_PHASES = ("rollout", "teacher", "train", "overlap_wait", "sync")
 PHASES = ("rollout", "teacher", "learner_forward_backward", "optimizer", "sync")
@@ -150,7 +150,7 @@ def _steps(cfg: Config, actors, valid_vocab: int, run_dir: Path) -> tuple[list[d
     with per step the phases' wall times (driver side; the learner's split of `train` from its own clock) and the
     step's metrics. Peak memory is reset after the warm-up and read at the end."""
     from opd.programs.rollouts import Rollouts
-    from opd.programs.train import Step
+    from opd.programs.step import Step
 
     b = cfg.bench
     step_once = Step(cfg, actors, Rollouts(cfg, actors, RandomPrompts(cfg, valid_vocab)), say=print, run_dir=run_dir)

@@ -18,9 +18,10 @@ import sys
 
 
 # command -> (the module whose main() runs it, arguments put before the user's); imported only when used
-COMMANDS = {"train": ("opd.programs.train", []), "bench": ("opd.programs.train", ["--bench"]), "report": ("opd.report", []),
-            "memory": ("opd.memory", []), "kernels-bench": ("opd.kernels.bench", []),
-            "side-by-side": ("opd.programs.side_by_side", []), "doctor": ("opd.doctor", [])}
+COMMANDS = {"train": ("opd.programs.train", []), "bench": ("opd.programs.train", ["--bench"]),
+            "report": ("opd.programs.report", []), "memory": ("opd.programs.memory_plan", []),
+            "kernels-bench": ("opd.programs.kernels_bench", []), "side-by-side": ("opd.programs.side_by_side", []),
+            "doctor": ("opd.programs.doctor", [])}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,7 @@ def _rss(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", required=True)
     parser.add_argument("--teacher", required=True)
@@ -48,29 +48,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    import torch
 
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
+def _distillation_config(args):
+    """TRL's settings for this project's step: fp32, reverse KL, fixed-length completions, temperature 1."""
     import trl
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    transformers.utils.logging.set_verbosity_error()
-    tokenizer = AutoTokenizer.from_pretrained(args.student, padding_side="left")
-    student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32)
-    with open(args.prompts) as f:
-        prompts = json.load(f)
-    total_steps = args.warmup_steps + args.steps
-    dataset = Dataset.from_dict({"prompt": prompts})
-
-    config = trl.DistillationConfig(
+    return trl.DistillationConfig(
         output_dir=os.path.join(os.path.dirname(os.path.abspath(args.out)), "trl_output"),
-        per_device_train_batch_size=args.prompts_per_step, gradient_accumulation_steps=1, max_steps=total_steps,
+        per_device_train_batch_size=args.prompts_per_step, gradient_accumulation_steps=1,
+        max_steps=args.warmup_steps + args.steps,
         learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
         beta=1.0,  # reverse KL, as loss.kind=rkl
         temperature=1.0, top_k=0, top_p=1.0, max_completion_length=args.response_tokens,
@@ -79,14 +67,17 @@ def main(argv: list[str] | None = None) -> None:
         logging_steps=10_000, save_strategy="no", report_to="none", dataloader_num_workers=0,
         disable_tqdm=True, seed=args.seed)
 
-    steps: list[dict] = []
+
+def _timer(warmup_steps: int, steps: list[dict]):
+    """A TrainerCallback that appends each timed step to `steps`."""
+    from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
         """Each step's wall time (generation, both forwards, loss, backward, optimizer), the generation's
         share, and the resident-memory peak over the timed steps (reset after the warm-up)."""
 
         def on_step_begin(self, _args, state, control, **kwargs):
-            if state.global_step == args.warmup_steps:
+            if state.global_step == warmup_steps:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")  # VmHWM := current RSS
                 self.rss_at_start = _rss("VmRSS")
@@ -94,13 +85,15 @@ def main(argv: list[str] | None = None) -> None:
             self.t0 = time.perf_counter()
 
         def on_step_end(self, _args, state, control, **kwargs):
-            if state.global_step > args.warmup_steps:
+            if state.global_step > warmup_steps:
                 steps.append({"step": state.global_step, "total": time.perf_counter() - self.t0,
                               "rollout": self.generate_s})
 
-    timer = Timer()
-    trainer = trl.DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
-                                      processing_class=tokenizer, callbacks=[timer])
+    return Timer()
+
+
+def _time_generation(trainer, timer, response_tokens: int) -> None:
+    """Wrap the trainer's generation so that its time counts as the step's rollout, and check the lengths."""
     generate = trainer._generate_single_turn
 
     def timed_generate(*a, **kw):
@@ -108,11 +101,38 @@ def main(argv: list[str] | None = None) -> None:
         completions = generate(*a, **kw)
         timer.generate_s += time.perf_counter() - t0
         lengths = {len(c) for c in completions}
-        if lengths != {args.response_tokens}:
-            raise RuntimeError(f"completion lengths {sorted(lengths)}, expected {args.response_tokens} for all")
+        if lengths != {response_tokens}:
+            raise RuntimeError(f"completion lengths {sorted(lengths)}, expected {response_tokens} for all")
         return completions
 
     trainer._generate_single_turn = timed_generate
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(args.student, padding_side="left")
+    student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32)
+    with open(args.prompts) as f:
+        prompts = json.load(f)
+    dataset = Dataset.from_dict({"prompt": prompts})
+
+    steps: list[dict] = []
+    timer = _timer(args.warmup_steps, steps)
+    trainer = trl.DistillationTrainer(model=student, teacher_model=teacher, args=_distillation_config(args),
+                                      train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+    _time_generation(trainer, timer, args.response_tokens)
     trainer.train()
     result = {"trl": trl.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
               "threads": args.threads, "steps": steps, "peak_rss_bytes": _rss("VmHWM"),

@@ -62,7 +62,7 @@ def join(spec: GroupSpec, me: int) -> None:
     if spec.backend == "nccl":
         if not torch.distributed.is_nccl_available():
             raise RuntimeError("split mode on GPUs needs NCCL, and this torch has none: install a CUDA build of "
-                               "torch (pip install -e '.[gpu]'), check with python -m opd.doctor --gpu")
+                               "torch (pip install -e '.[gpu]'), check with python -m opd.programs.doctor --gpu")
         torch.cuda.set_device(0)  # Ray shows each actor its own GPU as cuda:0
     torch.distributed.init_process_group(spec.backend, init_method=spec.init_method, world_size=spec.world_size,
                                          rank=me)

@@ -259,3 +259,121 @@ def attach_serving(model: nn.Module, serving: ServingHandle) -> None:
     # to views of the buffer, so no second copy of the weights is ever made on the device.
     _bind(model, flat, serving.layout, copy_in=False)
     model.to(device=flat.device)
+
+
+# ---------------------------------------------------------------- the routes: one object per way the weights travel
+
+
+class WeightRoute:
+    """How the learner's weights reach the rollout engines; one object, chosen once from mode, engine, device and
+    replicas (opd/modes.py `weight_route`), that the learner (`setup`, `export`, `broadcast`, `release`) and the
+    rollout actor (`load`, and how it loads its own copy: `engine_dtype`, `engine_on_host`) call alike."""
+
+    broadcasts = False  # the bytes follow the update: the learner's `broadcast` runs beside the engines' `load`
+    engine_dtype: str | None = None  # the dtype the engine loads the student in ("float32"; None: model.dtype)
+    engine_on_host = False  # the engine's parameters become views of the learner's buffer straight from host memory
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        self.dtype, self.shared, self.serving, self.buckets = dtype, None, None, ()
+
+    def setup(self, model: nn.Module, device: torch.device, name: str) -> None:
+        """The learner's side, once: its buffer in the serving dtype, laid out like `model`, and its bucket plan."""
+        self.serving = ServingBuffer(FlatLayout.of(model), self.dtype, device=device)
+        self.buckets = tuple(plan_buckets(self.serving.layout, element_bytes=self.serving.flat.element_size()))
+
+    def export(self, model: nn.Module, version: int, first: bool) -> WeightUpdate:
+        """The update of one sync (`first`: the first one, or one for an engine that was restarted)."""
+        self.serving.refresh(model)  # the one cast copy: fp32 master -> serving dtype, in place
+        if self.serving.flat.is_cuda:
+            torch.cuda.synchronize(self.serving.flat.device)  # other processes read the buffer next
+        return self._update(version, first)
+
+    def _update(self, version: int, first: bool) -> WeightUpdate:
+        raise NotImplementedError
+
+    def broadcast(self, process_group=None) -> None:
+        pass
+
+    def load(self, engine, update: WeightUpdate) -> int:
+        """The rollout's side: the engine takes the update; returns the version it holds."""
+        return engine.load_weights(update)
+
+    def release(self) -> None:
+        pass
+
+
+class SharedMasterRoute(WeightRoute):
+    """cpu mode, one learner: the engine maps the learner's fp32 master weights themselves (one /dev/shm file);
+    the optimizer step is the update, a sync only publishes the version."""
+
+    engine_dtype = "float32"
+
+    def setup(self, model: nn.Module, device: torch.device, name: str) -> None:
+        self.shared = share_parameters(model, name)
+
+    def export(self, model: nn.Module, version: int, first: bool) -> WeightUpdate:
+        return WeightUpdate(version, shared=self.shared if first else None)
+
+    def release(self) -> None:
+        release(self.shared)
+
+
+class MappedServingRoute(WeightRoute):
+    """colocated mode with the hf engine (a CUDA IPC handle), and cpu mode with sharded learners (a shared-memory
+    file): the engine maps the learner's serving buffer once; each sync refreshes it in place."""
+
+    engine_on_host = True  # the parameters go from host memory straight to views of the buffer: no second copy
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        super().__init__(dtype)
+        self.engine_dtype = "float32" if dtype == torch.float32 else None
+
+    def _update(self, version: int, first: bool) -> WeightUpdate:
+        handle = ServingHandle(share_handle(self.serving.flat), self.serving.layout, self.serving.dtype) if first else None
+        return WeightUpdate(version, serving=handle)
+
+
+class SGLangIPCRoute(WeightRoute):
+    """colocated mode with sglang: per bucket of the serving buffer, fresh CUDA IPC handles at every sync (sglang
+    releases each one it opened) through `update_weights_from_tensor(load_format="flattened_bucket")`. The buffer
+    never moves, and is not rewritten before the next sync, after the engine has generated with these weights."""
+
+    def _update(self, version: int, first: bool) -> WeightUpdate:
+        from opd.transport.sglang_weights import encode_flattened_bucket
+
+        views = self.serving.named_views()
+        return WeightUpdate(version, sglang_buckets=tuple(encode_flattened_bucket(views[b.start:b.stop], 1)
+                                                          for b in self.buckets))
+
+    def load(self, engine, update: WeightUpdate) -> int:
+        from opd.transport.sglang_weights import TensorBucketUpdate
+
+        return engine.load_weights(TensorBucketUpdate(update.version, buckets=update.sglang_buckets))
+
+
+class BroadcastRoute(WeightRoute):
+    """split mode, hf engines: the learner (rank 0 of WEIGHTS_GROUP) broadcasts its serving buffer bucket by bucket
+    while every engine receives it into a buffer its parameters are views of (NCCL; gloo on CPU)."""
+
+    broadcasts = True
+
+    def _update(self, version: int, first: bool) -> WeightUpdate:
+        return WeightUpdate(version, broadcast=BroadcastSpec(self.serving.layout, self.serving.dtype, self.buckets,
+                                                             WEIGHTS_GROUP))
+
+    def broadcast(self, process_group=None) -> None:
+        broadcast_buckets(self.serving, self.buckets, WEIGHTS_GROUP, process_group=process_group)
+
+
+class SGLangBroadcastRoute(BroadcastRoute):
+    """split mode, sglang engines: the same broadcast over the torch.distributed group sglang opened (the learner
+    passes its end), received by `update_weights_from_distributed(load_format="flattened_bucket")`."""
+
+    def load(self, engine, update: WeightUpdate) -> int:
+        from opd.transport.sglang_weights import DistributedUpdate
+
+        spec = update.broadcast
+        layout = spec.layout
+        return engine.load_weights(DistributedUpdate(
+            update.version, names=layout.names, dtypes=[spec.dtype] * len(layout.names), shapes=layout.shapes,
+            group_name=spec.group, load_format="flattened_bucket", bucket_sizes=[len(b) for b in spec.buckets]))

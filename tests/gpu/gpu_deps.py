@@ -10,7 +10,7 @@ import importlib.util
 import pytest
 import torch
 
-FIX = "pip install -e '.[gpu]' (then python -m opd.doctor --gpu)"
+FIX = "pip install -e '.[gpu]' (then python -m opd.programs.doctor --gpu)"
 
 
 def cuda(gpus: int = 1) -> None:

@@ -12,7 +12,8 @@ from dp_pair import run_pair, sample, step
 from gpu_deps import cuda, nccl
 
 from opd.actors.learner import LearnerActor
-from opd.config import override, tiny_cpu
+from opd.overrides import override
+from opd.presets import tiny_cpu
 
 cuda(2)
 nccl()
