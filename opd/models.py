@@ -147,6 +147,19 @@ def weights_disagree(path: Path) -> str | None:
     return None
 
 
+def save_model(model: PreTrainedModel, tokenizer, out_dir: Path) -> None:
+    """`model` (fp32 safetensors) and its tokenizer (`save_tokenizer`) in `out_dir`; save_pretrained draws a
+    progress bar per shard, muted for the duration only."""
+    bar_was_enabled = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        model.to(torch.float32).save_pretrained(str(out_dir), safe_serialization=True)
+    finally:
+        if bar_was_enabled:
+            transformers.utils.logging.enable_progress_bar()
+    save_tokenizer(tokenizer, out_dir)
+
+
 def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
     """``tokenizer.save_pretrained(out_dir)``, with a ``tokenizer_class`` that transformers 4 and 5 both resolve.
 

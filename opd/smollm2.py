@@ -19,7 +19,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from opd.models import ModelError, save_tokenizer
+from opd.models import ModelError, save_model
 from opd.pruning import prune_layers
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,14 +50,7 @@ def _gguf_chat_template(gguf_path: Path) -> str | None:
 
 
 def _save(model: PreTrainedModel, tokenizer, out_dir: Path, info: dict) -> None:
-    bar_was_enabled = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()  # one progress bar per shard otherwise
-    try:
-        model.to(torch.float32).save_pretrained(str(out_dir), safe_serialization=True)
-    finally:
-        if bar_was_enabled:
-            transformers.utils.logging.enable_progress_bar()
-    save_tokenizer(tokenizer, out_dir)
+    save_model(model, tokenizer, out_dir)
     (out_dir / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 

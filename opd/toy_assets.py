@@ -25,7 +25,7 @@ import torch
 import transformers
 from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 
-from opd.models import save_tokenizer
+from opd.models import save_model
 from opd.toy import (ADDITION, SPLIT_SEED, Task, build_tokenizer, generation_config, greedy_accuracy, student_config,
                      teacher_config)
 
@@ -144,15 +144,7 @@ def sft(
 def _save_model(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, out_dir: Path,
                 task: Task = ADDITION) -> None:
     model.generation_config = generation_config(task)
-    # save_pretrained draws a progress bar per (single) shard; mute it for the duration only.
-    bar_was_enabled = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        model.to(torch.float32).save_pretrained(str(out_dir), safe_serialization=True)
-    finally:
-        if bar_was_enabled:
-            transformers.utils.logging.enable_progress_bar()
-    save_tokenizer(tokenizer, out_dir)
+    save_model(model, tokenizer, out_dir)
 
 
 def _train_pair(out_dir: Path, seed: int, task: Task, teacher_cfg: SFTConfig, student_cfg: SFTConfig) -> dict:
