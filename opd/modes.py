@@ -48,6 +48,17 @@ def weight_route(cfg: Config):
     return weights.SharedMasterRoute() if r.learner_replicas == 1 else weights.MappedServingRoute(torch.float32)
 
 
+def state_outbox(cfg: Config, rank: int = -1):
+    """The teacher's side of `hidden_transport`, chosen here once (opd/transport/hidden_states.py); `rank`: the
+    teacher's rank in the hidden-states group (split mode)."""
+    from opd.transport import hidden_states
+
+    kind = hidden_transport(cfg)
+    if kind == "collective":
+        return hidden_states.CollectiveOutbox(rank)
+    return hidden_states.IPCOutbox() if kind == "ipc" else hidden_states.ObjectStoreOutbox()
+
+
 # NVIDIA's minor-version compatibility: a torch built for CUDA <major>.x needs at least this kernel driver branch
 MIN_DRIVER = {13: 580, 12: 525, 11: 450}
 NVIDIA_PROC = Path("/proc/driver/nvidia")  # the kernel driver's own view: its version, one folder per GPU

@@ -14,8 +14,7 @@ from opd.actors.engines.hf import HFEngine
 from opd.kernels.chunked import chunked_token_logprobs
 from opd.batch import TEACHER, OutputHead, RolloutBatch, TeacherScores, group_rows
 from opd.config import Config
-from opd.modes import hidden_transport
-from opd.transport.hidden_states import Outbox
+from opd.modes import state_outbox
 
 
 class TeacherActor:
@@ -26,7 +25,7 @@ class TeacherActor:
         self.eos_id, self.pad_id, self.vocab_size = special_ids(cfg.model.teacher)
         self.model = load(cfg, "teacher").to(self.device).eval().requires_grad_(False)
         # hidden states leave through the object store (cpu), an IPC handle (colocated) or a send (split)
-        self.outbox = Outbox(hidden_transport(cfg), rank=1 + replica)
+        self.outbox = state_outbox(cfg, rank=1 + replica)
         # greedy answers for evaluation, and samples with rollout.student_fraction < 1: the engine's decode loop
         self.engine = HFEngine(self.model, eos_id=self.eos_id, pad_id=self.pad_id, sampler="torch",
                                valid_vocab=self.vocab_size)

@@ -14,7 +14,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from opd.batch import RolloutBatch
 from opd.config import Config
 from opd.metrics import RunStopped
-from opd.modes import hidden_transport, weight_route
+from opd.modes import state_outbox, weight_route
 
 RECOVER_TIMEOUT_S = 300  # a restarted actor reloads its model
 
@@ -148,7 +148,7 @@ class Actors:
 
     def _send_hidden(self) -> None:
         # split: each teacher sends what it scored while the learner receives it (checked at the next sync)
-        if hidden_transport(self.cfg) == "collective":
+        if state_outbox(self.cfg).sends:
             self._sends += [t.send_pending.remote() for t in self.teachers]
 
     def _load(self, replicas: list[int], updates: list[ray.ObjectRef]) -> list[ray.ObjectRef]:

@@ -38,29 +38,57 @@ class RemoteTensor:
 
 
 class Outbox:
-    """The producer's side: keeps what it exported alive until the consumer is done with it.
+    """The producer's side of the teacher's states, one per way they travel (opd/modes.py `state_outbox` picks it
+    once): `export` each tensor as the learner will `fetch` it, `begin` each batch, `send` what waits for a
+    collective (`sends`: the driver calls it beside the learner's receive)."""
 
-    ipc: the tensors of the last `keep` batches (`begin` starts one) stay referenced (the learner maps one batch's
-    while the teacher may already score the next); collective: the tensors wait for `send`, which the driver calls
-    beside the learner's receive.
-    """
+    sends = False
 
-    def __init__(self, transport: str, rank: int = -1, group: str = HIDDEN_GROUP, keep: int = 2):
-        self.transport, self.rank, self.group = transport, rank, group
+    def begin(self) -> None:
+        """A new batch."""
+
+    def export(self, tensor: torch.Tensor) -> torch.Tensor | RemoteTensor:
+        raise NotImplementedError
+
+    def send(self) -> int:
+        return 0
+
+
+class ObjectStoreOutbox(Outbox):
+    """cpu mode: the tensor itself, through Ray's object store."""
+
+    def export(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.cpu()
+
+
+class IPCOutbox(Outbox):
+    """colocated mode: a CUDA IPC handle (a shared-memory file on CPU). The tensors of the last `keep` batches stay
+    referenced (the learner maps one batch's while the teacher may already score the next)."""
+
+    def __init__(self, keep: int = 2):
         self._held: deque[list[torch.Tensor]] = deque([[]], maxlen=keep)
-        self._pending: list[torch.Tensor] = []
 
     def begin(self) -> None:
         """A new batch: the tensors of the oldest batch held are released."""
         self._held.append([])
 
-    def export(self, tensor: torch.Tensor) -> torch.Tensor | RemoteTensor:
-        if self.transport == "object_store":
-            return tensor.cpu()
+    def export(self, tensor: torch.Tensor) -> RemoteTensor:
         tensor = tensor.contiguous()
-        if self.transport == "ipc":
-            self._held[-1].append(tensor)
-            return RemoteTensor(tuple(tensor.shape), tensor.dtype, handle=share_handle(tensor))
+        self._held[-1].append(tensor)
+        return RemoteTensor(tuple(tensor.shape), tensor.dtype, handle=share_handle(tensor))
+
+
+class CollectiveOutbox(Outbox):
+    """split mode: the shape now; the tensor waits for `send`, a collective send to rank 0 (NCCL; gloo on CPU)."""
+
+    sends = True
+
+    def __init__(self, rank: int, group: str = HIDDEN_GROUP):
+        self.rank, self.group = rank, group
+        self._pending: list[torch.Tensor] = []
+
+    def export(self, tensor: torch.Tensor) -> RemoteTensor:
+        tensor = tensor.contiguous()
         self._pending.append(tensor)
         return RemoteTensor(tuple(tensor.shape), tensor.dtype, src_rank=self.rank, group=self.group)
 

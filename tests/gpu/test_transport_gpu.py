@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from gpu_deps import cuda, needs, nccl
 
 from opd.transport import weights
-from opd.transport.hidden_states import Outbox
+from opd.transport.hidden_states import IPCOutbox
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 1 CUDA GPU")
 
@@ -70,7 +70,7 @@ def _hidden_consumer(remote, queue) -> None:
 
 
 def test_teacher_hidden_states_by_ipc_handle():
-    outbox = Outbox("ipc")
+    outbox = IPCOutbox()
     hidden = torch.randn(300, 256, device="cuda")
     remote = outbox.export(hidden)
     assert remote.handle is not None and remote.shape == (300, 256)
