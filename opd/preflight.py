@@ -57,9 +57,9 @@ class RunLock:
 def _ensure_builtin(path: Path) -> None:
     """Build the project's own model assets on first use (then they are cached)."""
     if path.parent == resolve_path(TOY_ASSETS):
-        from opd import toy_assets as toy
+        from opd import toy_assets
 
-        toy.ensure_assets(path.parent)
+        toy_assets.ensure_assets(path.parent)
     elif path.parent == resolve_path(CHAIN_ASSETS):
         from opd import chain
 
