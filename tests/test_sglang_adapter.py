@@ -3,6 +3,7 @@ that reads the installed sglang's source with `ast` (its engine does not import 
 
 import ast
 import importlib.util
+import types
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,13 @@ class FakeEngine:
     input_ids), with `output_token_logprobs` as (logprob, token_id, None) and `finish_reason` as
     {"type": "stop", "matched": id} or {"type": "length", "length": n}; control calls give (success, message)."""
 
-    def __init__(self, streams=(), *, trim_stop=False, finish=None, fail=None, probe=None):
+    def __init__(self, streams=(), *, trim_stop=False, finish=None, fail=None, probe=None, busy=0):
         self.streams = list(streams)  # per request, in order: the tokens the model would emit if never stopped
         self.trim_stop = trim_stop  # drop the stop token from output_ids (what sglang's detokenizer does)
         self.finish = finish  # force this finish_reason on every output
         self.fail = fail  # (method, nth call of it) answered (False, "boom")
         self.probe = probe  # called at each call; its value is recorded (e.g. the adapter's weight version)
+        self.busy = busy  # flush_cache fails this many times (the scheduler not idle yet), then succeeds
         self.calls = []
 
     def _record(self, method, kwargs):
@@ -76,7 +78,15 @@ class FakeEngine:
     def destroy_weights_update_group(self, **kw):
         return self._record("destroy_weights_update_group", kw)
 
+    def flush_cache(self):
+        self._record("flush_cache", {})
+        self.busy -= 1
+        return types.SimpleNamespace(success=self.busy < 0)  # sglang's FlushCacheReqOutput
+
     def release_memory_occupation(self, **kw):
+        # sglang asserts its scheduler is idle (the last batch included), which a successful flush shows
+        flushed = [m for m, _, _ in self.calls if m == "flush_cache"]
+        assert flushed and self.busy < 0, "release_memory_occupation while the scheduler is busy"
         self._record("release_memory_occupation", kw)  # sglang returns None here
 
     def resume_memory_occupation(self, **kw):
@@ -90,7 +100,7 @@ class FakeEngine:
 
 
 def _adapter(streams=(), **kw):
-    fake_kw = {k: kw.pop(k) for k in ("trim_stop", "finish", "fail") if k in kw}
+    fake_kw = {k: kw.pop(k) for k in ("trim_stop", "finish", "fail", "busy") if k in kw}
     fake = FakeEngine(streams, **fake_kw)
     engine = SGLangEngine(fake, eos_id=EOS, **kw)
     fake.probe = engine.weight_version
@@ -266,7 +276,7 @@ def test_release_and_resume_in_the_order_that_works():
     engine.resume_memory()  # the rest
     assert engine.generate([[1]], max_new_tokens=1).policy_version == 1
     assert [(m, kw.get("tags")) for m, kw, _ in fake.calls] == [
-        ("generate", None),
+        ("generate", None), ("flush_cache", None),
         ("release_memory_occupation", ["weights", "kv_cache", "cuda_graph"]),
         ("resume_memory_occupation", ["weights"]),
         ("begin_weight_update", None), ("update_weights_from_tensor", None), ("end_weight_update", None),
@@ -275,9 +285,31 @@ def test_release_and_resume_in_the_order_that_works():
     engine.resume_memory()  # nothing released: no call
     engine.release_memory(["kv_cache"])
     engine.release_memory()  # only what is still held
-    assert [kw["tags"] for _, kw, _ in fake.calls[-2:]] == [["kv_cache"], ["weights", "cuda_graph"]]
+    assert [kw.get("tags") for _, kw, _ in fake.calls[-4:]] == [None, ["kv_cache"], None, ["weights", "cuda_graph"]]
     with pytest.raises(ValueError, match="memory tags"):
         engine.release_memory(["kv"])
+
+
+def test_a_release_waits_for_an_idle_scheduler(monkeypatch):
+    """sglang asserts its scheduler is idle on a release, which it may not be right after the last output:
+    flush_cache until it succeeds, then release; a scheduler that never goes idle is an error, with no release."""
+    engine, fake = _adapter([[5]], busy=2)
+    engine.generate([[1]], max_new_tokens=1)
+    engine.release_memory(["kv_cache"])
+    assert fake.methods() == ["generate", "flush_cache", "flush_cache", "flush_cache", "release_memory_occupation"]
+    monkeypatch.setattr("opd.actors.engines.sglang.FLUSH_TRIES", 3)
+    monkeypatch.setattr("opd.actors.engines.sglang.FLUSH_WAIT_S", 0.0)
+    engine, fake = _adapter([[5]], busy=10)
+    with pytest.raises(RuntimeError, match="did not go idle"):
+        engine.release_memory()
+    assert fake.methods() == ["flush_cache"] * 3 and engine._memory.released == set()
+    # on the CPU (releases_memory=False) the release is ordered and waited for, but not sent
+    engine, fake = _adapter([[5]], releases_memory=False)
+    engine.release_memory()
+    with pytest.raises(RuntimeError, match="released"):
+        engine.generate([[1]], max_new_tokens=1)
+    engine.resume_memory()
+    assert fake.methods() == ["flush_cache"]
 
 
 def test_misordered_calls_are_refused():
@@ -345,7 +377,9 @@ def test_sampling_params_server_args_and_tags_exist():
         for cls in ast.walk(ast.parse(path.read_text())):
             if isinstance(cls, ast.ClassDef):
                 server_fields |= _annotated_fields(cls)
-    keys = set(engine_kwargs("m", mem_fraction_static=0.5)) | {"enable_weights_cpu_backup"}
+    keys = (set(engine_kwargs("m", mem_fraction_static=0.5)) | {"enable_weights_cpu_backup"}
+            | set(engine_kwargs("/", mem_fraction_static=0.5, device="cpu")))  # a folder without weights: dummy
+    assert {"load_format", "attention_backend", "max_total_tokens", "device"} <= keys
     assert keys <= server_fields, f"not sglang server arguments: {sorted(keys - server_fields)}"
     constants = _src("srt/constants.py").read_text()
     assert all(f'"{tag}"' in constants for tag in MEMORY_TAGS)
@@ -463,9 +497,9 @@ def test_rollout_actor_sync_and_memory_order_with_sglang():
     fake.streams.append([9, EOS])
     actor.generate([[1]], seed=0)
     assert fake.methods() == ["begin_weight_update", "update_weights_from_tensor", "update_weights_from_tensor",
-                              "end_weight_update", "generate", "release_memory_occupation",
-                              "resume_memory_occupation", "generate", "release_memory_occupation"]
-    assert fake.calls[1][1]["named_tensors"] == ["payload-0"] and fake.calls[5][1] == {"tags": ["kv_cache", "cuda_graph"]}
+                              "end_weight_update", "generate", "flush_cache", "release_memory_occupation",
+                              "resume_memory_occupation", "generate", "flush_cache", "release_memory_occupation"]
+    assert fake.calls[1][1]["named_tensors"] == ["payload-0"] and fake.calls[6][1] == {"tags": ["kv_cache", "cuda_graph"]}
 
     actor, fake = _rollout_actor_with_fake("split")
     layout = FlatLayout(("a", "b", "c"), ((2,), (3,), (4,)), (0, 2, 5), 9)
