@@ -139,14 +139,20 @@ def check_cpus(cfg: Config) -> None:
 def check_devices(cfg: Config) -> None:
     """Refuse a mode this machine cannot run, before Ray starts."""
     if cfg.rollout.engine == "sglang":
-        if not uses_gpus(cfg):
-            raise ConfigError(f"rollout.engine=sglang needs a GPU mode (--mode colocated or split), not "
-                              f"run.mode={cfg.run.mode} with run.device={cfg.run.device}: use rollout.engine=hf")
+        on_cpu = cfg.run.mode == "colocated" and cfg.run.device == "cpu"  # sglang's CPU engine (the tests)
+        if not uses_gpus(cfg) and not on_cpu:
+            raise ConfigError(f"rollout.engine=sglang needs --mode colocated or split on GPUs (or colocated with "
+                              f"run.device=cpu), not run.mode={cfg.run.mode} with run.device={cfg.run.device}: use "
+                              "rollout.engine=hf")
         import importlib.util
 
         if importlib.util.find_spec("sglang") is None:
             raise ConfigError("rollout.engine=sglang but sglang is not installed: pip install -e '.[gpu]' "
                               "(or use --set rollout.engine=hf)")
+        if on_cpu and importlib.util.find_spec("sgl_kernel") is None:
+            raise ConfigError("rollout.engine=sglang with run.device=cpu needs an importable sgl_kernel, which has no "
+                              "CPU build on PyPI: put the tests' stand-in first on the path (PYTHONPATH=$PWD/tests/sglang_cpu: absolute, the actors start elsewhere)"
+                              " or use --set rollout.engine=hf")
     if not uses_gpus(cfg):
         return
     needed, state = gpus_needed(cfg), cuda_state()

@@ -24,7 +24,8 @@ class RolloutActor:
 
             self.engine = SGLangEngine.from_config(model_source(cfg.model.student), eos_id=eos_id,
                                                    mem_fraction_static=cfg.rollout.mem_fraction,
-                                                   dtype=cfg.model.dtype, random_seed=cfg.train.seed + replica)
+                                                   dtype=cfg.model.dtype, random_seed=cfg.train.seed + replica,
+                                                   device="cpu" if cfg.run.device == "cpu" else "cuda")
         else:
             device = actor_device(cfg)
             # the dtype of what the learner publishes (cpu: its fp32 master weights; the GPU modes: model.dtype)

@@ -38,8 +38,14 @@ def connect(cfg: Config) -> bool:
     os.environ[OWNER_ENV] = str(os.getpid())  # inherited by every process of the instance: see _reclaim_orphans
     _loopback_only()
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}})
+             runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}})
     return True
+
+
+def worker_pythonpath() -> str:
+    """The project's root, then the driver's own PYTHONPATH (the actors see what the driver was given: the sglang
+    stand-in of tests/sglang_cpu on a CPU, say)."""
+    return os.pathsep.join([str(PROJECT_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 
 def _reclaim_orphans() -> None:

@@ -339,8 +339,12 @@ class SGLangIPCRoute(WeightRoute):
     never moves, and is not rewritten before the next sync, after the engine has generated with these weights."""
 
     def _update(self, version: int, first: bool) -> WeightUpdate:
+        import torch.multiprocessing as mp
+
         from opd.transport.sglang_weights import encode_flattened_bucket
 
+        if not self.serving.flat.is_cuda:  # run.device=cpu: shared-memory file names, which sglang's scheduler
+            mp.set_sharing_strategy("file_system")  # can open; fds would need this process's resource sharer
         views = self.serving.named_views()
         return WeightUpdate(version, sglang_buckets=tuple(encode_flattened_bucket(views[b.start:b.stop], 1)
                                                           for b in self.buckets))
