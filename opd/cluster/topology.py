@@ -74,9 +74,10 @@ def launch(cfg: Config) -> Actors:
                                        scheduling_strategy=strategy).remote(cfg, *args)
 
     rollouts = [place(RolloutActor, "rollout", i, i) for i in range(r.rollout_replicas)]
-    if r.mode == "colocated":
+    if engines_first(cfg):
         # The engines start, and sglang reserves its KV cache, before the teacher and learner load on the same GPU:
-        # sglang sizes the cache from the memory free when it starts, so a model loading meanwhile would shrink it.
+        # sglang sizes the cache from the memory free when it starts, so a model loading meanwhile would shrink it
+        # (below ~0.23 of the GPU it refuses to start).
         ray.get([e.weight_version.remote() for e in rollouts])
     init_method = ""
     if r.learner_replicas > 1:  # the learners' rendezvous: a free port on rank 0's node (no torchrun)
@@ -89,6 +90,12 @@ def launch(cfg: Config) -> Actors:
         _join_groups(cfg, actors)
     actors.launch_s = time.perf_counter() - t0
     return actors
+
+
+def engines_first(cfg: Config) -> bool:
+    """Whether the engines start before the other actors are created: where an engine shares its GPU with a
+    teacher (colocated: with the learner too), or sglang sizes its KV cache from what is free at its start."""
+    return cfg.run.mode == "colocated" or cfg.rollout.engine == "sglang"
 
 
 def _join_groups(cfg: Config, actors: Actors) -> None:
