@@ -82,7 +82,8 @@ class RolloutConfig:
     max_new_tokens: int = 8
     ignore_eos: bool = False  # every response runs to max_new_tokens (benchmarks: fixed-length responses)
     # hf engine: its own KV-cached decode loop sampling with torch, or on a GPU with FlashInfer's kernels (auto:
-    # FlashInfer when installed on a GPU, else torch); generate: transformers' `generate`, the reference
+    # FlashInfer on a GPU where it imports and has its kernels: nvcc or flashinfer-jit-cache; else torch);
+    # generate: transformers' `generate`, the reference
     sampler: str = "auto"
     # hf engine on the CPU (run.mode=cpu): the decode steps through torch.compile (the decoder, and the output head
     # for up to 4 rows where that is timed faster). Needs a C++ compiler; compiles once per process (~10-30 s here; dynamic in the context

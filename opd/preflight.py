@@ -132,6 +132,7 @@ def preflight(cfg: Config) -> Prepared:
     check_positions(cfg, prompts, configs)
     check_off_policy(cfg, prompts)
     check_compiler(cfg)
+    check_sampler(cfg)
     check_memory(cfg, prompts)  # the last refusal, before the run directory or a resume touches anything
     if cfg.run.resume:
         run_dir, checkpoint, lock = prepare_resume(cfg)
@@ -178,6 +179,22 @@ def check_compiler(cfg: Config) -> None:
     except InvalidCxxCompiler:
         raise ConfigError("rollout.compile=true needs a C++ compiler for torch.compile's CPU kernels and none was "
                           "found: install g++ (or set CXX), or set rollout.compile=false") from None
+
+
+def check_sampler(cfg: Config) -> None:
+    """rollout.sampler=flashinfer (the hf engine): FlashInfer samples on a GPU, with kernels it compiles at first
+    use (nvcc) or finds precompiled (flashinfer-jit-cache), opd/samplers.py. On a Ray cluster the GPUs and their
+    toolkits are the nodes', not this machine's: there the engine refuses it when it starts (resolve_sampler)."""
+    from opd.modes import uses_gpus
+    from opd.samplers import flashinfer_problem
+
+    if cfg.rollout.engine != "hf" or cfg.rollout.sampler != "flashinfer":
+        return
+    if not uses_gpus(cfg):
+        raise ConfigError(f"rollout.sampler=flashinfer samples on a GPU, and run.mode={cfg.run.mode} with "
+                          f"run.device={cfg.run.device} runs the engine on the CPU: set rollout.sampler=torch or auto")
+    if not (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")) and (problem := flashinfer_problem()):
+        raise ConfigError(f"rollout.sampler=flashinfer cannot run here: {problem[0]}: {problem[1]}")
 
 
 def check_memory(cfg: Config, prompts: PromptSet) -> None:

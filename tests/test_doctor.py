@@ -28,6 +28,7 @@ from opd.programs import doctor, doctor_checks, doctor_gpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
 import gpu_deps  # noqa: E402  (tests/gpu on the path)
+from test_sampling import _nvcc, gpu_machine  # noqa: E402, F401  (a fake FlashInfer machine; gpu_machine: a fixture)
 
 
 def _lines(text: str) -> dict[str, tuple[str, str]]:
@@ -148,6 +149,25 @@ def test_a_missing_sglang(monkeypatch):
     check = _checks()["sglang"]
     assert check.status == "skip" and check.detail.startswith("not installed: the rollout.engine=sglang GPU engine")
     assert check.fix == "pip install -e '.[gpu]'"
+
+
+def test_the_doctor_says_which_sampler_auto_picks_and_why(gpu_machine, tmp_path, monkeypatch):
+    assert "sampler auto" in _checks()  # a line of the report, after the GPUs'
+    assert doctor_checks.sampler_check(gpu=False) == doctor_checks.Check(
+        "sampler auto", "ok", "torch: no usable GPU (FlashInfer samples on a GPU)")
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "flashinfer", None)  # a GPU, and no flashinfer
+        assert doctor_checks.sampler_check(gpu=True) == doctor_checks.Check(
+            "sampler auto", "skip", "torch, not flashinfer: flashinfer is not installed",
+            "pip install -e '.[gpu]', or set rollout.sampler=torch")
+    gpu_machine("flashinfer")  # a driver-only GPU machine: no nvcc
+    check = doctor_checks.sampler_check(gpu=True)
+    assert check.status == "skip" and check.detail.startswith("torch, not flashinfer: flashinfer compiles its kernels "
+                                                              "at first use and finds no nvcc")
+    assert check.fix == "install the CUDA toolkit (nvcc) or flashinfer-jit-cache, or set rollout.sampler=torch"
+    monkeypatch.setenv("CUDA_HOME", _nvcc(tmp_path / "cuda"))
+    assert doctor_checks.sampler_check(gpu=True) == doctor_checks.Check(
+        "sampler auto", "ok", f"flashinfer: it imports and has nvcc {tmp_path / 'cuda' / 'bin' / 'nvcc'}")
 
 
 # ---------------------------------------------------------------- the gpu extra against sglang's requirements

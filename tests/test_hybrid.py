@@ -20,6 +20,7 @@ from opd.presets import tiny_cpu
 from opd.models import load_tokenizer
 from opd.prompt_sets import build_prompt_set, student_ids
 from test_bad_input import _preflight_error
+from test_kernels import _report, under_bf16_autocast
 from test_off_policy import _run
 
 HYBRID = ["data.gold_prefix_max_tokens=2", "data.gold_prefix_field=answer", "loss.sft_weight=0.5"]
@@ -51,6 +52,24 @@ def test_cross_entropy_kernel_against_float64_at_qwens_vocabulary():
     assert torch.allclose(h.grad.double(), h64.grad, rtol=0, atol=1e-6)
     assert torch.allclose(w.grad.double(), w64.grad, rtol=0, atol=1e-6)
     assert float(w.grad[valid:].abs().max()) == 0  # rows past the tokenizer get no gradient
+
+
+def test_cross_entropy_kernel_stays_fp32_under_bf16_autocast():
+    """The hybrid's cross-entropy runs inside the learner's bf16 autocast (learner.compute_dtype=bfloat16): loss, nll
+    and both gradients as without autocast, at 1e-6 (a bf16 GEMM moves them by ~1e-3 here)."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(37, 24, generator=g).requires_grad_()
+    w = (torch.randn(1031, 24, generator=g) * 0.7).requires_grad_()
+    ids, weights = torch.randint(0, 1000, (37,), generator=g), torch.rand(37, generator=g)
+
+    def run():
+        loss, nll = chunked_cross_entropy(h, w, ids, weights, num_tokens=40, valid_vocab=1000, chunk_size=7)
+        return [loss, nll, *torch.autograd.grad(loss, [h, w])]
+
+    want, got = run(), under_bf16_autocast(run)
+    for name, a, b in zip(("loss", "nll", "grad h", "grad w"), got, want, strict=True):
+        assert a.dtype == torch.float32, name
+        _report(name, a.detach(), b.detach(), 1e-6)
 
 
 def test_gold_prefix_moves_into_the_response():

@@ -238,3 +238,51 @@ def test_sampled_rkl_chunk_sizes_agree_and_bf16_is_close():
     g16, want_g = torch.autograd.grad(loss16, [h16])[0], torch.autograd.grad(want, [h32])[0]
     assert g16.dtype == torch.bfloat16
     assert float((g16.float() - want_g).abs().max()) <= 2e-2 * float(want_g.abs().max())
+
+
+def under_bf16_autocast(fn):
+    """fn() inside CPU bf16 autocast, as the learner runs its loss with learner.compute_dtype=bfloat16."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16  # autocast is on: fp32 @ becomes bf16
+        return fn()
+
+
+def _divergence_case():
+    h_s, w_s, h_t, w_t, weights = _inputs()
+
+    def run():
+        loss, stats = chunked_divergence(h_s, w_s, h_t, w_t, weights, kind="rkl", num_tokens=37, chunk_size=7)
+        return [loss, stats, *torch.autograd.grad(loss, [h_s, w_s])]
+
+    return run
+
+
+def _sampled_rkl_case():
+    h, w, ids, teacher, rollout, weights = _sampled_inputs()
+
+    def run():
+        loss, stats = chunked_sampled_rkl(h, w, ids, teacher, rollout, weights, num_tokens=37, temperature=1.3,
+                                          valid_vocab=1000, chunk_size=7)
+        return [loss, stats, *torch.autograd.grad(loss, [h, w])]
+
+    return run
+
+
+def _token_logprobs_case():
+    h, w, _, _, _ = _inputs()
+    ids = torch.randint(0, 1000, (37,), generator=torch.Generator().manual_seed(4))
+    return lambda: [chunked_token_logprobs(h.detach(), w.detach(), ids, temperature=0.7, valid_vocab=1000,
+                                           chunk_size=5)]
+
+
+@pytest.mark.parametrize("case", [_divergence_case, _sampled_rkl_case, _token_logprobs_case],
+                         ids=["divergence", "sampled_rkl", "token_logprobs"])
+def test_fp32_kernels_stay_fp32_under_bf16_autocast(case):
+    """The learner's bf16 autocast must not reach the kernels' fp32 math: the same loss, stats and gradients (or
+    log-probs) as without it, on the same fp32 inputs (made outside autocast). A bf16 GEMM here moves them by
+    ~1e-3 relative, far beyond 1e-6."""
+    run = case()
+    want, got = run(), under_bf16_autocast(run)
+    for name, g, w in zip(("loss", "stats", "grad h", "grad w")[:len(want)], got, want, strict=True):
+        assert g.dtype == torch.float32, name
+        _report(name, g.detach(), w.detach(), 1e-6)

@@ -379,7 +379,9 @@ def test_sampling_params_server_args_and_tags_exist():
                 server_fields |= _annotated_fields(cls)
     keys = (set(engine_kwargs("m", mem_fraction_static=0.5)) | {"enable_weights_cpu_backup"}
             | set(engine_kwargs("/", mem_fraction_static=0.5, device="cpu")))  # a folder without weights: dummy
-    assert {"load_format", "attention_backend", "max_total_tokens", "device"} <= keys
+    assert {"load_format", "attention_backend", "max_total_tokens", "device", "base_gpu_id"} <= keys
+    # the actor's GPU under RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES (actor_device): sglang's base GPU
+    assert engine_kwargs("m", mem_fraction_static=0.5, gpu_id=3)["base_gpu_id"] == 3
     assert keys <= server_fields, f"not sglang server arguments: {sorted(keys - server_fields)}"
     constants = _src("srt/constants.py").read_text()
     assert all(f'"{tag}"' in constants for tag in MEMORY_TAGS)

@@ -22,10 +22,11 @@ class RolloutActor:
         if self.sglang:
             from opd.actors.engines.sglang import SGLangEngine
 
+            device = actor_device(cfg)  # the GPU Ray assigned, checked (cuda_index), or the CPU
             self.engine = SGLangEngine.from_config(model_source(cfg.model.student), eos_id=eos_id,
                                                    mem_fraction_static=cfg.rollout.mem_fraction,
                                                    dtype=cfg.model.dtype, random_seed=cfg.train.seed + replica,
-                                                   device="cpu" if cfg.run.device == "cpu" else "cuda")
+                                                   device=device.type, gpu_id=device.index or 0)
         else:
             device = actor_device(cfg)
             # the dtype of what the learner publishes (cpu: its fp32 master weights; the GPU modes: model.dtype)

@@ -17,6 +17,7 @@ the p-weighted mean). Chain rule through `s = z / T` multiplies by 1/T.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -52,6 +53,23 @@ def _row_function(device: torch.device, backend: str):
             raise
         return torch_row_divergence_
     return row_divergence_
+
+
+def _no_autocast(fn):
+    """Runs `fn` with autocast off on the device of its first tensor argument. The learner computes its loss inside
+    `torch.autocast(dtype=bfloat16)` (learner.compute_dtype=bfloat16), which would turn every fp32 `@` here into a
+    bf16 GEMM: the log-prob canary, sampled_rkl's ratios and the hybrid's cross-entropy would lose their fp32
+    accumulation, and operand_dtype=float32 would not be fp32. The kernels choose their operands' dtype themselves.
+    Applied to each autograd Function's forward and backward (as torch.amp.custom_fwd/custom_bwd do, for any
+    device) and to the plain functions."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        device = next(a for a in args if isinstance(a, Tensor)).device.type
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def _rowdot(a_CV: Tensor, b_CV: Tensor, scratch_CV: Tensor) -> Tensor:
@@ -138,6 +156,7 @@ class _GradsInForward(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
+    @_no_autocast
     def backward(ctx, grad_loss, _grad_stats):
         grad_h, grad_w = ctx.saved_tensors
         return grad_h * grad_loss, grad_w * grad_loss, *([None] * (ctx.num_inputs - 2))
@@ -168,6 +187,7 @@ def _addmm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
 
 class ChunkedDivergence(_GradsInForward):
     @staticmethod
+    @_no_autocast
     def forward(ctx, h_s, w_s, h_t, w_t, weights, kind, beta, temperature, valid_vocab, num_tokens,
                 chunk_size, needs_grad, backend, operand_dtype):
         num_rows = h_s.shape[0]
@@ -224,6 +244,7 @@ def chunked_divergence(h_s_Nd: Tensor, w_s_Vd: Tensor, h_t_Nd: Tensor, w_t_Vd: T
 
 
 @torch.no_grad()
+@_no_autocast
 def chunked_token_logprobs(h_Nd: Tensor, w_Vd: Tensor, token_ids_N: Tensor, *, temperature: float = 1.0,
                            valid_vocab: int | None = None, chunk_size: int = 0) -> Tensor:
     """log softmax(h @ w.T / T)[token] per row `[N]` fp32, one `[chunk, V]` block at a time (no gradient)."""
@@ -243,6 +264,7 @@ class ChunkedCrossEntropy(_GradsInForward):
     temperature 1, one `[chunk, V]` block at a time; d loss / d z = (w_t / num_tokens) * (p_S - onehot(y_t))."""
 
     @staticmethod
+    @_no_autocast
     def forward(ctx, h_s, w_s, token_ids, weights, valid_vocab, num_tokens, chunk_size, needs_grad):
         ws = w_s[:valid_vocab].float()
         grad_h = torch.zeros_like(h_s, dtype=torch.float32) if needs_grad else None
@@ -283,6 +305,7 @@ class ChunkedSampledRKL(_GradsInForward):
     """
 
     @staticmethod
+    @_no_autocast
     def forward(ctx, h_s, w_s, token_ids, teacher_logprobs, rollout_logprobs, weights, temperature, clip_ratio,
                 valid_vocab, num_tokens, chunk_size, needs_grad):
         ws = w_s[:valid_vocab].float()

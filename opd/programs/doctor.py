@@ -1,7 +1,8 @@
 """Can this machine run each mode, and if not, why: `python -m opd.programs.doctor [--gpu] [--json]` (or
 `opd doctor`).
 
-    python -m opd.programs.doctor         # versions, GPUs and driver, NCCL, and whether cpu / colocated / split run
+    python -m opd.programs.doctor         # versions, GPUs and driver, NCCL, the sampler rollout.sampler=auto picks,
+                                          # and whether cpu / colocated / split run
     python -m opd.programs.doctor --gpu   # and micro-checks on the GPU: CUDA IPC between two processes, a one-GPU
                                           # NCCL communicator, the Triton loss kernel at V=151936, GEMM and memory
                                           # roofs, FlashInfer sampling (opd/programs/doctor_gpu.py)

@@ -195,7 +195,19 @@ def device_checks() -> list[Check]:
         nccl = Check("nccl", "ok", "torch's NCCL {}".format(".".join(map(str, torch.cuda.nccl.version()))))
     else:
         nccl = Check("nccl", "fail", "this torch has no NCCL", "install a CUDA build of torch: pip install -e '.[gpu]'")
-    return [gpus, nccl]
+    return [gpus, nccl, sampler_check(state.usable > 0)]
+
+
+def sampler_check(gpu: bool) -> Check:
+    """The sampler rollout.sampler=auto picks here (the hf engine's resolve_sampler, opd/actors/engines/hf.py), and
+    why: FlashInfer on a GPU where it imports and has its kernels (nvcc to compile them, or flashinfer-jit-cache)."""
+    from opd.samplers import flashinfer_kernels, flashinfer_problem
+
+    if not gpu:
+        return Check("sampler auto", "ok", "torch: no usable GPU (FlashInfer samples on a GPU)")
+    if (problem := flashinfer_problem()) is None:
+        return Check("sampler auto", "ok", f"flashinfer: it imports and has {flashinfer_kernels()}")
+    return Check("sampler auto", "skip", f"torch, not flashinfer: {problem[0]}", problem[1])
 
 
 def mode_checks(checks: list[Check]) -> list[Check]:

@@ -63,7 +63,8 @@ def join(spec: GroupSpec, me: int) -> None:
         if not torch.distributed.is_nccl_available():
             raise RuntimeError("split mode on GPUs needs NCCL, and this torch has none: install a CUDA build of "
                                "torch (pip install -e '.[gpu]'), check with python -m opd.programs.doctor --gpu")
-        torch.cuda.set_device(0)  # Ray shows each actor its own GPU as cuda:0
+        # no set_device here: the actor's GPU is its current device already (cuda:0, or with Ray's
+        # RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES the index opd/actors/common.py actor_device set)
     torch.distributed.init_process_group(spec.backend, init_method=spec.init_method, world_size=spec.world_size,
                                          rank=me)
     for name, members in spec.groups.items():

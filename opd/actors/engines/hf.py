@@ -29,14 +29,26 @@ from opd.transport.weights import (ServingBuffer, WeightUpdate, attach_parameter
 def resolve_sampler(name: str, device: torch.device) -> str | None:
     """None: transformers' `generate` (rollout.sampler=generate, the reference); "torch" / "flashinfer": this
     engine's own decode loop, sampling with torch (CPU or GPU) or with FlashInfer's kernels (auto: FlashInfer on a
-    GPU when it is installed, torch otherwise)."""
+    GPU where it imports and has its kernels, opd/samplers.py; else torch, with a warning on a GPU). An explicit
+    flashinfer that cannot run here is refused now, not at the first sampled token."""
     if name == "generate":
         return None
-    if name == "auto":
-        import importlib.util
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
+        return "torch"
+    if device.type != "cuda":
+        raise ValueError(f"rollout.sampler=flashinfer samples on a GPU and this engine runs on {device}: set "
+                         f"rollout.sampler=torch or auto")
+    from opd.samplers import flashinfer_problem
 
-        return "flashinfer" if device.type == "cuda" and importlib.util.find_spec("flashinfer") else "torch"
-    return name
+    if (problem := flashinfer_problem()) is None:
+        return "flashinfer"
+    why, fix = problem
+    if name == "flashinfer":
+        raise ValueError(f"rollout.sampler=flashinfer cannot run here: {why}: {fix}")
+    import warnings
+
+    warnings.warn(f"rollout.sampler=auto samples with torch, not FlashInfer: {why}: {fix}", stacklevel=2)
+    return "torch"
 
 
 class HFEngine:

@@ -65,13 +65,14 @@ MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # sglang/srt/constants.py; 
 
 def engine_kwargs(model_path: str, *, mem_fraction_static: float, dtype: str = "bfloat16",
                   deterministic: bool = False, random_seed: int | None = None,
-                  device: str = "cuda") -> dict[str, Any]:
+                  device: str = "cuda", gpu_id: int = 0) -> dict[str, Any]:
     """The sglang server arguments `SGLangEngine.from_config` sets (tests check each is a ServerArgs field).
 
     A folder without weight files (the benchmark's random-weight shape folders) starts with `load_format="dummy"`:
     sglang would refuse it ("Cannot find any model weights"); the first sync brings the learner's weights.
     `device="cpu"` (tests, run.device=cpu): fp32, the torch_native attention backend, a KV pool of
-    CPU_KV_TOKENS tokens and no memory saver (torch_memory_saver needs libcuda; releases then free nothing)."""
+    CPU_KV_TOKENS tokens and no memory saver (torch_memory_saver needs libcuda; releases then free nothing).
+    `gpu_id`: the CUDA index of the actor's GPU (not 0 under RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES)."""
     if not 0.0 < mem_fraction_static < 1.0:
         raise ValueError(f"mem_fraction_static={mem_fraction_static}: the fraction of GPU memory sglang may hold "
                          "for weights and KV cache, in (0, 1); leave room for the learner and teacher")
@@ -84,7 +85,9 @@ def engine_kwargs(model_path: str, *, mem_fraction_static: float, dtype: str = "
     if device == "cpu":
         kwargs.update(device="cpu", dtype="float32", attention_backend="torch_native", max_total_tokens=CPU_KV_TOKENS,
                       enable_memory_saver=False)
-    elif device != "cuda":
+    elif device == "cuda":
+        kwargs["base_gpu_id"] = gpu_id
+    else:
         raise ValueError(f"device={device!r}: sglang runs here on 'cuda' or 'cpu'")
     return kwargs
 
@@ -139,14 +142,14 @@ class SGLangEngine:
     @classmethod
     def from_config(cls, model_path: str, *, eos_id: int, mem_fraction_static: float, dtype: str = "bfloat16",
                     deterministic: bool = False, random_seed: int | None = None, device: str = "cuda",
-                    extra_server_args: dict[str, Any] | None = None) -> "SGLangEngine":
+                    gpu_id: int = 0, extra_server_args: dict[str, Any] | None = None) -> "SGLangEngine":
         """Start a real sglang engine on this process's GPU (tensor parallel size 1), or on the CPU with
         `device="cpu"` (sglang's CPU engine; needs an importable `sgl_kernel`, see tests/sglang_cpu)."""
         if os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true", "yes"):
             raise ValueError("SGLANG_RETURN_ORIGINAL_LOGPROB is set: sglang would return log-probs before the "
                              "temperature, not those it sampled from; unset it")
         kwargs = engine_kwargs(model_path, mem_fraction_static=mem_fraction_static, dtype=dtype,
-                               deterministic=deterministic, random_seed=random_seed, device=device)
+                               deterministic=deterministic, random_seed=random_seed, device=device, gpu_id=gpu_id)
         extra = dict(extra_server_args or {})
         if clash := sorted(set(extra) & set(kwargs)):
             raise ValueError(f"extra_server_args {clash} are set by from_config itself: pass them as its arguments")
