@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The drift check: the next breaking release, found before a user finds it. Builds a throwaway environment
 # with the newest versions pyproject.toml allows (no lock; torch and torchvision stay the README test command's
-# torch==2.14.1 torchvision==0.29.1, sglang its gpu extra's ==0.5.23, installed --no-deps), prints what moved against constraints.txt, then runs a fast
-# smoke subset: 3 steps of the default through driver.py, and the tests that exercise the libraries' surfaces
-# (packaging beside PyPI `kernels`, model loading and tokenizers, the engines against `generate`, the kernels,
-# the learner, config files, the doctor). Not part of the suite; 4 min here (2026-12-07), PyPI needed.
+# torch==2.14.1 torchvision==0.29.1, sglang its gpu extra's ==0.5.23, installed --no-deps), prints what moved
+# against constraints.txt, then runs a fast smoke subset: 3 steps of the default through driver.py, and the tests
+# that exercise the libraries' surfaces (packaging beside PyPI `kernels`, model loading and tokenizers, the engines
+# against `generate`, the kernels, the learner, config files, the doctor). Not part of the suite; 4 min here (2026-12-07), PyPI needed.
 #
 #   bash scripts/drift_check.sh        # before moving the lock (python scripts/lock.py), and now and then
 #
