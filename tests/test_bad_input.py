@@ -151,7 +151,7 @@ def test_sglang_requested_but_not_installed(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sglang" else real(name, *a))
     assert "sglang is not installed" in _preflight_error("--mode", "colocated", "--set", "rollout.engine=sglang")
-    assert "rollout.engine=sglang needs a GPU mode" in _preflight_error("--set", "rollout.engine=sglang")
+    assert "rollout.engine=sglang needs --mode colocated or split on GPUs" in _preflight_error("--set", "rollout.engine=sglang")
 
 
 # ------------------------------------------------------------------ a numerical fault during the run
