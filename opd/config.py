@@ -80,6 +80,10 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     max_new_tokens: int = 8
+    # hf engine: KV-cache tokens of one decoding wave, rows x (longest prompt + max_new_tokens): the batch is decoded
+    # in waves under it, and so are the teacher's and the student's greedy answers to the held-out prompts
+    # (0: all rows at once). sglang sizes its own KV pool (rollout.mem_fraction).
+    max_batch_tokens: int = 0
     ignore_eos: bool = False  # every response runs to max_new_tokens (benchmarks: fixed-length responses)
     # hf engine: its own KV-cached decode loop sampling with torch, or on a GPU with FlashInfer's kernels (auto:
     # FlashInfer on a GPU where it imports and has its kernels: nvcc or flashinfer-jit-cache; else torch);
@@ -108,6 +112,8 @@ class RolloutConfig:
                  f"rollout.sampler auto or torch (not engine={self.engine}, sampler={self.sampler})")
         _require(0 < self.mem_fraction < 1, f"rollout.mem_fraction={self.mem_fraction} must be in (0, 1)")
         _require(self.num_samples > 0, f"rollout.num_samples={self.num_samples} must be > 0")
+        _require(self.max_batch_tokens >= 0, f"rollout.max_batch_tokens={self.max_batch_tokens} must be >= 0 (0: "
+                 "every row of a batch at once)")
         _require(self.temperature > 0, f"rollout.temperature={self.temperature} must be > 0")
         _require(0 < self.top_p <= 1, f"rollout.top_p={self.top_p} must be in (0, 1]")
         _require(self.top_k >= 0, f"rollout.top_k={self.top_k} must be >= 0 (0 turns it off)")

@@ -1,6 +1,6 @@
 """A memory plan's terms: what each actor holds, in bytes, for a config, the models' shapes and the step.
 
-* **persistent** terms, held for the whole run: weights, fp32 gradients and AdamW's two fp32 moments, the serving
+* **persistent** terms, held for the whole run: weights, AdamW's two fp32 moments, the serving
   buffer, the teacher's fp32 output head, the hidden states the teacher's outbox keeps, a framework overhead
   (CUDA context on a GPU, the Python + torch + transformers baseline of a process on the CPU);
 * **step** terms, alive only during the actor's phase: activations, loss blocks, forward transients, KV cache,
@@ -136,12 +136,16 @@ def forward_transient_bytes(a: Arch, m: int, packed: bool, dtype_bytes: int, att
 
 
 def generate_terms(a: Arch, num_seqs: int, prompt: int, new: int, dtype_bytes: int, *, on_gpu: bool,
-                   attn: str, what: str, kv_setting: str, phase: str = "step") -> list[Term]:
+                   attn: str, what: str, kv_setting: str, phase: str = "step",
+                   max_batch_tokens: int = 0) -> list[Term]:
     """`generate` over `num_seqs` left-padded sequences: the KV cache, the prefill's forward over the whole
     padded batch, per-step [B, V] fp32 logits; on the CPU transformers' `generate(output_scores=True)` keeps
     every step's [B, V] fp32 scores and `compute_transition_scores` two more copies (the GPU decode loop
-    keeps none)."""
+    keeps none). `max_batch_tokens` (rollout.max_batch_tokens): the rows decode in waves of at most that many
+    KV-cache tokens, so the terms follow one wave's rows."""
     s = a.shape
+    if max_batch_tokens > 0:
+        num_seqs = min(num_seqs, max(1, max_batch_tokens // (prompt + new)))
     kv_cache = num_seqs * (prompt + new) * s.kv_bytes_per_token(dtype_bytes)
     kv_cache += kv_cache // max(1, s.layers)  # DynamicCache grows by torch.cat: one layer's old and new copy
     prefill = num_seqs * forward_transient_bytes(a, prompt, False, dtype_bytes, attn) + num_seqs * prompt * prompt
@@ -214,7 +218,9 @@ def _learner_held(cfg: Config, student: Arch, teacher: Arch, c: _Common) -> list
     buffer, FSDP's gathered units, the teacher's head and the teacher states it receives."""
     s, t, b, k = student.shape, teacher.shape, c.dtype_bytes, cfg.run.learner_replicas
     p4 = _learner_shard_bytes(cfg, student)
-    learner = [Term("weights", p4, "model", True), Term("grads", p4, "model", True),
+    # the gradients live from the first micro-batch's backward to the optimizer step, which frees them
+    # (zero_grad(set_to_none=True) after it): not through the rollout and the teacher's phases
+    learner = [Term("weights", p4, "model", True), Term("grads", p4, "model", phase="optimizer"),
                Term("optimizer", 2 * p4, "model", True), c.framework]
     if c.mode != "cpu" or k > 1:  # the flat copy the engines read (model.dtype; cpu mode fp32), whole on every replica
         learner.append(Term("serving buffer", student.params * (b if c.mode != "cpu" else 4), "model", True))
@@ -257,11 +263,11 @@ def _learner_step(cfg: Config, student: Arch, teacher: Arch, step: Step, c: _Com
     knob = "learner.micro_batch_tokens" + ("" if lc.gradient_checkpointing else " / learner.gradient_checkpointing")
     learner.append(Term("backward working set", max(0, head + working - loss_peak, forward_casts - loss_peak),
                         "micro-batch tokens", setting=knob))
-    if m >= step.tokens:
-        # One micro-batch: the step drops the previous step's gradients first (zero_grad(set_to_none=True)) and
-        # backward rebuilds them as the activations are freed, so they are not there at the activations' peak
-        # (measured: docs/memory_plan.md). With several micro-batches the first one's gradients are.
-        learner.append(Term("grads not yet rebuilt", -_learner_shard_bytes(cfg, student), "model"))  # (its shard)
+    if m < step.tokens:
+        # Several micro-batches: the first one's backward made the gradients, which the next ones' activations
+        # meet. With one, backward builds them as the activations are freed: not there at the activations' peak
+        # (measured: docs/memory_plan.md).
+        learner.append(Term("grads of earlier micro-batches", _learner_shard_bytes(cfg, student), "model"))
     if not c.on_gpu:  # the CPU's single-tensor AdamW: a temporary the size of the largest parameter, after backward
         learner.append(Term("optimizer step", 2 * s.vocab * s.hidden * 4, "model", phase="optimizer"))
     return learner
@@ -291,7 +297,8 @@ def _teacher_terms(cfg: Config, teacher: Arch, step: Step, c: _Common) -> list[T
     # evaluation: the teacher's greedy answers to the held-out prompts, with its own KV cache
     terms += generate_terms(teacher, math.ceil(cfg.data.num_eval_prompts / cfg.run.teacher_replicas),
                             step.prompt_tokens, step.response_tokens, b, on_gpu=c.on_gpu, attn=c.attn,
-                            what="eval", kv_setting="data.num_eval_prompts", phase="eval")
+                            what="eval", kv_setting="rollout.max_batch_tokens / data.num_eval_prompts", phase="eval",
+                            max_batch_tokens=cfg.rollout.max_batch_tokens)
     return terms
 
 
@@ -309,5 +316,6 @@ def _rollout_terms(cfg: Config, student: Arch, step: Step, device: Device, c: _C
     seqs = max(step.num_sequences, step.num_eval_sequences)
     rollout += generate_terms(student, math.ceil(seqs / cfg.run.rollout_replicas), step.prompt_tokens,
                               step.response_tokens, 4 if c.mode == "cpu" else b, on_gpu=c.on_gpu, attn=c.attn,
-                              what="generate", kv_setting="rollout.max_new_tokens / train.prompts_per_step")
+                              what="generate", kv_setting="rollout.max_batch_tokens",
+                              max_batch_tokens=r.max_batch_tokens)
     return rollout

@@ -199,7 +199,8 @@ def model_folders(kind: str, where: Path) -> tuple[str, str]:
 
 def planned(args, student: str, teacher: str) -> dict:
     """The memory plan's terms for the measured actor: its absolute peak, and the growth over the measured
-    baseline (teacher: the step's terms; learner: gradients + the step's terms)."""
+    baseline (teacher: the step's terms; learner: the step's terms, the gradients of earlier micro-batches among
+    them: the optimizer step frees them, so the baseline between steps holds none)."""
     from opd import memory
     from opd.memory_device import Device
 
@@ -214,7 +215,6 @@ def planned(args, student: str, teacher: str) -> dict:
     else:
         step = sum(t.bytes for t in a.terms if not t.persistent and t.phase == "step")
         absolute = a.persistent_bytes + step
-        step = step + terms["grads"]
     return {"plan_peak_bytes": absolute, "plan_growth_bytes": step, "plan_terms": terms}
 
 

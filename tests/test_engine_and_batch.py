@@ -335,3 +335,27 @@ def test_grouped_query_attention_for_one_position_equals_repeated_heads():
     mask3 = torch.ones(2, 1, 3, 9, dtype=torch.bool).tril(6)
     assert torch.equal(gqa_sdpa_attention(module, q3, k, v, mask3, scaling=0.25)[0],
                        sdpa_attention_forward(module, q3, k, v, mask3, scaling=0.25)[0])
+
+
+def test_a_kv_budget_decodes_in_waves_with_the_same_answers(root):
+    """rollout.max_batch_tokens: rows x (longest prompt + max_new_tokens) of KV cache at a time. Greedy answers
+    equal the whole batch's; sampled ones are reproducible by seed and their log-probs are still those of the
+    distribution sampled from; each wave holds at most the budget."""
+    engine, tok = _engine(root)
+    prompts = [tok(p).input_ids for p in ["07+45=", "99+99=", "1+2=", "12+34=", "50+50="]]
+    whole = engine.generate(prompts, greedy=True, max_new_tokens=6)
+    waves = []
+    real = engine._generate_rows
+    engine._generate_rows = lambda flat, **kw: waves.append(len(flat)) or real(flat, **kw)
+    engine.max_batch_tokens = 2 * (6 + 6)  # two rows of a 6-token prompt and 6 new tokens
+    bounded = engine.generate(prompts, greedy=True, max_new_tokens=6)
+    assert waves == [2, 2, 1]
+    assert bounded.responses() == whole.responses() and bounded.finish_reasons == whole.finish_reasons
+    assert torch.allclose(bounded.logprobs, whole.logprobs, atol=1e-5)
+    a, b = (engine.generate(prompts, num_samples=2, temperature=0.8, max_new_tokens=6, seed=3) for _ in range(2))
+    assert a.responses() == b.responses() and torch.equal(a.logprobs, b.logprobs)
+    for prompt, response, lp in zip(a.prompts(), a.responses(), torch.split(a.logprobs, a.response_lens.tolist()),
+                                    strict=True):
+        logits = engine.model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1] / 0.8
+        want = torch.log_softmax(logits, -1).gather(1, torch.tensor(response)[:, None]).squeeze(1)
+        assert torch.allclose(lp, want, atol=1e-4), (lp, want)

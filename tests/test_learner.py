@@ -37,6 +37,8 @@ def test_learner_loss_equals_reference_and_the_engine_sees_the_step(root, tmp_pa
         before = rollout.logits(ids).clone()
         metrics = learner.train_step(batch, scores)
         assert abs(metrics["loss"] - float(want.detach())) < 1e-5, metrics["loss"]
+        # the optimizer step frees the gradients: the rollout and teacher phases do not hold them
+        assert all(p.grad is None for p in learner.student.parameters())
         assert metrics["logprob/learner_minus_rollout/absmax"] < 1e-4  # sampler and learner agree
         # The optimizer step reached the engine with no transfer: same logits as the learner's model now.
         after = rollout.logits(ids)

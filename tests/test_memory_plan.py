@@ -68,8 +68,10 @@ def test_parameter_counts_are_the_models(small):
 def test_plan_numbers_by_hand(small):
     p = memory.plan(small, Device.cpu(64 * GIB), prompt_tokens=10)
     learner, teacher, rollout = (p.actors[r].breakdown() for r in ("learner", "teacher", "rollout"))
-    # learner: fp32 weights and gradients, two AdamW moments, the fp32 teacher head [1024, 96]
+    # learner: fp32 weights and gradients (from the first backward to the optimizer step, which frees them), two
+    # AdamW moments, the fp32 teacher head [1024, 96]
     assert learner["weights"] == learner["grads"] == 202304 * 4 and learner["optimizer"] == 2 * 202304 * 4
+    assert [t.persistent for t in p.actors["learner"].terms if t.name in ("weights", "grads")] == [True, False]
     assert learner["teacher head"] == 1024 * 96 * 4
     # the teacher's part of one micro-batch at a time: 12 response tokens x d_t in bf16
     assert learner["received teacher states"] == 12 * 96 * 2
@@ -83,11 +85,13 @@ def test_plan_numbers_by_hand(small):
     # twice
     blocks = 6 * 12 * 1000 * 4
     assert learner["loss blocks"] == max(blocks + 256000, 2 * 256000) + 12 * 2 * 64 * 4 == 550144
-    assert "grads not yet rebuilt" not in learner  # two micro-batches: the first one's gradients are there
+    # two micro-batches: the first one's gradients are there when the second one's activations peak
+    assert learner["grads of earlier micro-batches"] == 202304 * 4
     # the layers' backward intermediates (int(1.8 x 128 x 4) = 921 bytes per token) beside one [1000, 64] gradient
     # stay below the loss's peak: they add nothing
     assert learner["backward working set"] == max(0, 256000 + 32 * 921 - 544000) == 0
-    assert p.actors["learner"].step_bytes == 2304 + 319744 + 5120 + 550144  # > the optimizer phase's 512000
+    # > the optimizer phase's 512000 (the CPU AdamW's temporary) + 809216 (the gradients)
+    assert p.actors["learner"].step_bytes == 2304 + 319744 + 5120 + 550144 + 809216
     # teacher: bf16 weights; a packed row of 48 tokens: (3 x 192 + 4 x 96) x 2 bytes per token and a bool mask
     assert teacher["weights"] == 437376 * 2
     assert teacher["forward transients"] == 48 * (3 * 192 + 4 * 96) * 2 + 48 * 48 == 94464
@@ -103,12 +107,14 @@ def test_plan_numbers_by_hand(small):
     assert rollout["generate KV cache"] == 4 * 16 * 512 + 4 * 16 * 512 // 2
     # the machine's RAM holds every actor's persistent terms and the largest phase (they run one after another)
     persistent = sum(p.actors[r].persistent_bytes for r in ("rollout", "teacher", "learner"))
-    assert persistent == 3 * memory_terms.CPU_PROCESS_BYTES + 4 * 202304 * 4 + 1024 * 96 * 4 + 437376 * 2
-    assert p.uses[0].need_bytes == persistent + 877312 and p.fits
-    # the whole batch in one micro-batch: the step drops the last step's gradients before the forward
+    assert persistent == 3 * memory_terms.CPU_PROCESS_BYTES + 3 * 202304 * 4 + 1024 * 96 * 4 + 437376 * 2
+    assert p.uses[0].need_bytes == persistent + 877312 + 809216 and p.fits
+    # the whole batch in one micro-batch: backward builds the gradients as it frees the activations
     whole = memory.plan(override(small, "learner.micro_batch_tokens=0"), Device.cpu(64 * GIB),
-                        prompt_tokens=10).actors["learner"].breakdown()
-    assert whole["grads not yet rebuilt"] == -202304 * 4
+                        prompt_tokens=10).actors["learner"]
+    assert "grads of earlier micro-batches" not in whole.breakdown()
+    assert whole.step_bytes == max(sum(t.bytes for t in whole.terms if t.phase == "step" and not t.persistent),
+                                   512000 + 809216)
 
 
 def test_activations_follow_the_micro_batch_not_the_batch(small):
@@ -251,3 +257,18 @@ def test_the_gpu_is_read_from_nvidia_smi(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert memory_device.detect(preset("qwen25_1p5b_from_7b")).name == "NVIDIA H100 80GB HBM3"
     assert memory_device.detect(tiny_cpu()).kind == "cpu"
+
+
+def test_a_kv_budget_bounds_the_rollout_and_the_evaluation(small):
+    """rollout.max_batch_tokens: the engines decode in waves, so their KV cache, prefill and scores follow one
+    wave's rows, not the batch's or the held-out set's."""
+    def terms(*assignments):
+        p = memory.plan(_with(small, "train.prompts_per_step=64", "data.num_eval_prompts=40", *assignments),
+                        Device.cpu(64 * GIB), prompt_tokens=10)
+        return p.actors["rollout"].breakdown(), p.actors["teacher"].breakdown()
+
+    (rollout, teacher), (rollout_b, teacher_b) = terms(), terms("rollout.max_batch_tokens=64")
+    # 64 sequences of 10 + 6 tokens, then waves of 64 // 16 = 4 rows; the teacher's 40 held-out answers likewise
+    assert rollout_b["generate KV cache"] * 16 == rollout["generate KV cache"]
+    assert teacher_b["eval KV cache"] * 10 == teacher["eval KV cache"]
+    assert teacher_b["eval scores"] * 10 == teacher["eval scores"]

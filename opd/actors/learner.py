@@ -236,6 +236,9 @@ class LearnerActor:
             self.scheduler.step()
             self.version += 1
             self._check_weights_finite(float(grad_norm))
+        # the gradients go until the next step's first backward: the rollout and the teacher (colocated: on the
+        # same GPU) get their memory back
+        self.optimizer.zero_grad(set_to_none=True)
         optimizer_done = _synchronized(loss)  # clipping and the step
         return_cached_memory(self.cfg, self.device)  # colocated: activations and loss blocks back to the GPU
         lens = batch.response_lens.float()

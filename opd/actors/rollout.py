@@ -35,6 +35,7 @@ class RolloutActor:
             # memory; moving them to the GPU first would strand a second copy of the student there
             model = model if self.weights.engine_on_host else model.to(device)
             self.engine = HFEngine(model, eos_id=eos_id, pad_id=pad_id, compile=cfg.rollout.compile,
+                                   max_batch_tokens=cfg.rollout.max_batch_tokens,
                                    sampler=resolve_sampler(cfg.rollout.sampler, device))
 
     def generate(self, prompts: list[list[int]], *, seed: int, greedy: bool = False,

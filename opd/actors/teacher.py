@@ -28,7 +28,7 @@ class TeacherActor:
         self.outbox = state_outbox(cfg, rank=1 + replica)
         # greedy answers for evaluation, and samples with rollout.student_fraction < 1: the engine's decode loop
         self.engine = HFEngine(self.model, eos_id=self.eos_id, pad_id=self.pad_id, sampler="torch",
-                               valid_vocab=self.vocab_size)
+                               valid_vocab=self.vocab_size, max_batch_tokens=cfg.rollout.max_batch_tokens)
 
     memory_stats, reset_peak_memory = memory_stats, reset_peak_memory  # the benchmark's peak memory
 

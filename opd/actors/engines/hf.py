@@ -53,8 +53,9 @@ def resolve_sampler(name: str, device: torch.device) -> str | None:
 
 class HFEngine:
     def __init__(self, model: PreTrainedModel, *, eos_id: int, pad_id: int, sampler: str | None = None,
-                 valid_vocab: int | None = None, compile: bool = False):
+                 valid_vocab: int | None = None, compile: bool = False, max_batch_tokens: int = 0):
         self.model = model.eval()
+        self.max_batch_tokens = max_batch_tokens  # KV-cache tokens of one decoding wave (0: the whole batch)
         self.eos_id, self.pad_id = eos_id, pad_id
         # the decode loop samples from the first `valid_vocab` rows only (a head padded past the tokenizer: the
         # teacher, whose samples the student trains on with rollout.student_fraction < 1)
@@ -116,9 +117,30 @@ class HFEngine:
         does; benchmarks).
 
         Log-probs are those of the distribution actually sampled from (after temperature, top-k, top-p).
+
+        With `max_batch_tokens` (rollout.max_batch_tokens) the rows are decoded in waves of at most that many
+        KV-cache tokens (rows x (the longest prompt + max_new_tokens)), one after another from one seeded
+        stream: the KV cache, the prefill and the logits follow the budget, not the batch.
         """
-        device = self.model.device
         flat = [p for p in prompts for _ in range(num_samples)]
+        if seed is not None:
+            torch.manual_seed(seed)  # generate samples from the global generator; the waves share its stream
+        width = max(len(p) for p in flat)
+        rows = len(flat) if self.max_batch_tokens <= 0 else max(1, self.max_batch_tokens // (width + max_new_tokens))
+        responses, response_logprobs, reasons = [], [], []
+        for start in range(0, len(flat), rows):
+            wave = self._generate_rows(flat[start:start + rows], temperature=temperature, top_p=top_p, top_k=top_k,
+                                       max_new_tokens=max_new_tokens, greedy=greedy, ignore_eos=ignore_eos)
+            for out, part in zip((responses, response_logprobs, reasons), wave, strict=True):
+                out += part
+        return RolloutBatch.from_lists(flat, responses, response_logprobs,
+                                       prompt_index=torch.arange(len(prompts)).repeat_interleave(num_samples),
+                                       finish_reasons=reasons, policy_version=self._version)
+
+    def _generate_rows(self, flat: list[list[int]], *, temperature: float, top_p: float, top_k: int,
+                       max_new_tokens: int, greedy: bool, ignore_eos: bool):
+        """(responses, log-probs, finish reasons) of one wave of rows, each decoded to its end-of-sequence."""
+        device = self.model.device
         width = max(len(p) for p in flat)
         # Left padding: every row's last prompt token sits in the same column, as generate expects.
         input_ids = torch.full((len(flat), width), self.pad_id, dtype=torch.int64)
@@ -130,8 +152,6 @@ class HFEngine:
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, eos_token_id=self.eos_id,
                                   pad_token_id=self.pad_id, return_dict_in_generate=True, output_scores=True,
                                   min_new_tokens=max_new_tokens if ignore_eos else None, **sampling)
-        if seed is not None:
-            torch.manual_seed(seed)  # generate samples from the global generator
         if self.sampler is None:
             out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                       generation_config=config)
@@ -148,9 +168,7 @@ class HFEngine:
             responses.append(ids[:end])
             response_logprobs.append(lps[:end])
             reasons.append("stop" if ids[end - 1] == self.eos_id else "length")
-        return RolloutBatch.from_lists(flat, responses, response_logprobs,
-                                       prompt_index=torch.arange(len(prompts)).repeat_interleave(num_samples),
-                                       finish_reasons=reasons, policy_version=self._version)
+        return responses, response_logprobs, reasons
 
     def _next_logits(self, input_ids, attention_mask, position_ids, cache, *, prefill: bool):
         """fp32 logits `[B, V]` of the last position (the cache is updated in place). The last position only: the
