@@ -335,5 +335,5 @@ class TeacherScores:
 class OutputHead:
     """A model's output projection, sent once from the teacher to the learner (it is frozen)."""
 
-    weight: Tensor  # [V_rows, d] fp32; rows >= valid_vocab are padding and are masked to -inf
+    weight: Tensor  # [V_rows, d] in the teacher's dtype; rows >= valid_vocab are padding and are masked to -inf
     valid_vocab: int  # the tokenizer's vocabulary size

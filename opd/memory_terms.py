@@ -230,7 +230,7 @@ def _learner_held(cfg: Config, student: Arch, teacher: Arch, c: _Common) -> list
         gathered = student.params - s.layers * layer + 2 * layer
         gathered_bytes = 2 if c.on_gpu and c.compute == "bfloat16" else 4
         learner.append(Term("gathered by FSDP", gathered * (gathered_bytes + 4), "model"))
-    learner.append(Term("teacher head", t.vocab * t.hidden * 4, "vocabulary", True))  # OutputHead, fp32
+    learner.append(Term("teacher head", t.vocab * t.hidden * c.dtype_bytes, "vocabulary", True))  # model.dtype
     if c.mode != "colocated":  # one micro-batch's part at a time; colocated maps the teacher's tensor (no copy)
         learner.append(Term("received teacher states", c.micro_batch[1] * c.state_bytes, "micro-batch tokens",
                             setting="learner.micro_batch_tokens"))
@@ -249,8 +249,14 @@ def _learner_step(cfg: Config, student: Arch, teacher: Arch, step: Step, c: _Com
     # back to fp32), freed when it returns; the fp32 weights are used as they are otherwise. Per response token:
     # d loss / d h_s and its scaled copy.
     head = s.vocab * s.hidden * 4
-    copies = (c.valid_vocab * (s.hidden + t.hidden) * (2 if c.on_gpu else 4)
-              if c.compute == "bfloat16" and c.full_vocab else 0)
+    copies = 0
+    if c.full_vocab:  # the GEMM operands the loss makes of the two output weights (opd/kernels/chunked.py _operand)
+        if c.compute == "bfloat16":  # bf16 copies on a GPU, bf16-rounded fp32 ones on the CPU; a bf16 teacher head
+            # is used as it is on a GPU
+            teacher_copy = 0 if c.on_gpu and c.dtype_bytes == 2 else c.valid_vocab * t.hidden * (2 if c.on_gpu else 4)
+            copies = c.valid_vocab * s.hidden * (2 if c.on_gpu else 4) + teacher_copy
+        elif c.dtype_bytes != 4:  # fp32 compute: the teacher's head (model.dtype) widened to fp32
+            copies = c.valid_vocab * t.hidden * 4
     loss_peak = max(c.blocks + head, 2 * head)
     learner.append(Term("loss blocks", loss_peak + n * 2 * s.hidden * 4,
                         "vocabulary x loss.chunk_size", setting="loss.chunk_size"))

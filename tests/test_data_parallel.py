@@ -122,10 +122,10 @@ def test_readme_memory_plan_of_two_gpus(root, capsys):
                           ".venv/bin/python -m opd.programs.memory_plan --preset qwen25_1p5b_from_7b")
     assert args[:3] == [".venv/bin/python", "-m", "opd.programs.memory_plan"]
     memory_plan.main(args[3:])
-    assert "each of GPUs 0-1 (H20, 96.0 GiB) needs 49.1 GiB" in capsys.readouterr().out
+    assert "each of GPUs 0-1 (H20, 96.0 GiB) needs 45.2 GiB" in capsys.readouterr().out
     memory_plan.main([a for a in args[3:] if a not in ("--set", "run.gpus=2")])  # the same on one GPU
-    assert "GPU 0 (H20, 96.0 GiB) needs 77.6 GiB" in capsys.readouterr().out
-    assert "49.1 GiB on each of two H20s, against 77.6 GiB on one" in (root / "docs" / "gpu.md").read_text()
+    assert "GPU 0 (H20, 96.0 GiB) needs 70.8 GiB" in capsys.readouterr().out
+    assert "45.2 GiB on each of two H20s, against 70.8 GiB on one" in (root / "docs" / "gpu.md").read_text()
 
 
 def test_memory_plan_shards_the_learner():

@@ -69,10 +69,10 @@ def test_plan_numbers_by_hand(small):
     p = memory.plan(small, Device.cpu(64 * GIB), prompt_tokens=10)
     learner, teacher, rollout = (p.actors[r].breakdown() for r in ("learner", "teacher", "rollout"))
     # learner: fp32 weights and gradients (from the first backward to the optimizer step, which frees them), two
-    # AdamW moments, the fp32 teacher head [1024, 96]
+    # AdamW moments, the teacher head [1024, 96] in the teacher's dtype (bf16)
     assert learner["weights"] == learner["grads"] == 202304 * 4 and learner["optimizer"] == 2 * 202304 * 4
     assert [t.persistent for t in p.actors["learner"].terms if t.name in ("weights", "grads")] == [True, False]
-    assert learner["teacher head"] == 1024 * 96 * 4
+    assert learner["teacher head"] == 1024 * 96 * 2
     # the teacher's part of one micro-batch at a time: 12 response tokens x d_t in bf16
     assert learner["received teacher states"] == 12 * 96 * 2
     # one micro-batch of 32 tokens (two packed sequences), 12 of them predicting response tokens. Per token:
@@ -85,13 +85,15 @@ def test_plan_numbers_by_hand(small):
     # twice
     blocks = 6 * 12 * 1000 * 4
     assert learner["loss blocks"] == max(blocks + 256000, 2 * 256000) + 12 * 2 * 64 * 4 == 550144
+    # fp32 compute: the forward widens the bf16 teacher head's 1000 rows to fp32 beside them
+    assert learner["output weight copies"] == blocks + 256000 + 1000 * 96 * 4 - 544000 == 384000
     # two micro-batches: the first one's gradients are there when the second one's activations peak
     assert learner["grads of earlier micro-batches"] == 202304 * 4
     # the layers' backward intermediates (int(1.8 x 128 x 4) = 921 bytes per token) beside one [1000, 64] gradient
     # stay below the loss's peak: they add nothing
     assert learner["backward working set"] == max(0, 256000 + 32 * 921 - 544000) == 0
     # > the optimizer phase's 512000 (the CPU AdamW's temporary) + 809216 (the gradients)
-    assert p.actors["learner"].step_bytes == 2304 + 319744 + 5120 + 550144 + 809216
+    assert p.actors["learner"].step_bytes == 2304 + 319744 + 5120 + 550144 + 384000 + 809216
     # teacher: bf16 weights; a packed row of 48 tokens: (3 x 192 + 4 x 96) x 2 bytes per token and a bool mask
     assert teacher["weights"] == 437376 * 2
     assert teacher["forward transients"] == 48 * (3 * 192 + 4 * 96) * 2 + 48 * 48 == 94464
@@ -107,8 +109,8 @@ def test_plan_numbers_by_hand(small):
     assert rollout["generate KV cache"] == 4 * 16 * 512 + 4 * 16 * 512 // 2
     # the machine's RAM holds every actor's persistent terms and the largest phase (they run one after another)
     persistent = sum(p.actors[r].persistent_bytes for r in ("rollout", "teacher", "learner"))
-    assert persistent == 3 * memory_terms.CPU_PROCESS_BYTES + 3 * 202304 * 4 + 1024 * 96 * 4 + 437376 * 2
-    assert p.uses[0].need_bytes == persistent + 877312 + 809216 and p.fits
+    assert persistent == 3 * memory_terms.CPU_PROCESS_BYTES + 3 * 202304 * 4 + 1024 * 96 * 2 + 437376 * 2
+    assert p.uses[0].need_bytes == persistent + 877312 + 384000 + 809216 and p.fits
     # the whole batch in one micro-batch: backward builds the gradients as it frees the activations
     whole = memory.plan(override(small, "learner.micro_batch_tokens=0"), Device.cpu(64 * GIB),
                         prompt_tokens=10).actors["learner"]
@@ -158,17 +160,19 @@ def test_checkpointing_and_bf16_compute_change_the_activations(small):
     assert base["activations"] - ckpt["activations"] == 32 * (2 * 4624 - 2 * 64 * 4)
     # ... and recomputes one layer in backward, beside one [V, d] gradient: here still below the loss's peak
     assert ckpt["backward working set"] == max(0, 256000 + 32 * (921 + 4624) - 544000) == 0
-    # 512 tokens with one-row chunks: the loss's peak is its two [1000, 64] gradients, the recompute exceeds it
+    # 512 tokens with one-row chunks: the loss's peak is its forward's (one [1, 1000] block x 6, the [1000, 64]
+    # gradient, the widened [1000, 96] teacher head), the recompute exceeds it
     big = memory.plan(_with(small, "learner.gradient_checkpointing=true", "learner.micro_batch_tokens=512",
                             "train.prompts_per_step=64", "loss.chunk_size=1"), cpu,
                       prompt_tokens=10).actors["learner"].breakdown()
-    assert big["backward working set"] == 256000 + 512 * (921 + 4624) - 2 * 256000
+    assert big["backward working set"] == 256000 + 512 * (921 + 4624) - (6 * 1000 * 4 + 256000 + 1000 * 96 * 4)
     bf16 = memory.plan(_with(small, "learner.compute_dtype=bfloat16"), H200,
                        prompt_tokens=10).actors["learner"].breakdown()
-    # autocast caches bf16 copies of every layer's matmul weights; the loss's forward operands are bf16 copies of
-    # both heads, beside its blocks and the [1000, 64] fp32 gradient, which here outweigh the backward's two
+    # autocast caches bf16 copies of every layer's matmul weights; the loss's forward operands are a bf16 copy of
+    # the student's head and the bf16 teacher head as it is, beside its blocks and the [1000, 64] fp32 gradient,
+    # which here outweigh the backward's two
     assert bf16["autocast weight copies"] == 2 * 36864 * 2
-    assert bf16["output weight copies"] == (1000 * 64 + 1000 * 96) * 2
+    assert bf16["output weight copies"] == 1000 * 64 * 2
     assert bf16["loss blocks"] == 6 * 12 * 1000 * 4 + 256000 + 12 * 2 * 64 * 4
 
 

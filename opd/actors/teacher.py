@@ -33,7 +33,9 @@ class TeacherActor:
     memory_stats, reset_peak_memory = memory_stats, reset_peak_memory  # the benchmark's peak memory
 
     def output_head(self) -> OutputHead:
-        weight = self.model.get_output_embeddings().weight.detach().float().cpu().clone()
+        # in the teacher's own dtype (model.dtype): the loss widens it a chunk's operands at a time (fp32
+        # compute) or uses it as it is (bf16 compute), the same values as an fp32 copy at half the bytes
+        weight = self.model.get_output_embeddings().weight.detach().cpu().clone()
         return OutputHead(weight=weight, valid_vocab=self.vocab_size)
 
     @torch.no_grad()
