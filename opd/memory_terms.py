@@ -313,8 +313,13 @@ def _rollout_terms(cfg: Config, student: Arch, step: Step, device: Device, c: _C
     counted in the learner), its KV cache and prefill while it generates."""
     r, b = cfg.rollout, c.dtype_bytes
     rollout = [c.framework]
-    if r.engine == "sglang":  # weights and KV cache inside mem_fraction of the GPU (what is free at its start)
-        rollout.append(Term("sglang reservation", int(r.mem_fraction * device.total_bytes), "GPU memory", True,
+    if r.engine == "sglang":
+        # weights and KV cache inside mem_fraction of the GPU (what is free at its start). The rollout actor releases
+        # the KV cache and CUDA graphs after each generate and resumes them before the next (the memory saver):
+        # only the weights are held through the teacher's and learner's phases.
+        reserved, weights = int(r.mem_fraction * device.total_bytes), student.params * b
+        rollout.append(Term("sglang weights", weights, "model", True))
+        rollout.append(Term("sglang KV cache and graphs", max(0, reserved - weights), "GPU memory",
                             setting="rollout.mem_fraction"))
         return rollout
     if c.mode == "split":
