@@ -49,7 +49,9 @@ def test_doctor_as_the_readme_types_it(root):
     assert out.returncode == 0, out.stdout + out.stderr
     assert len(out.stdout.splitlines()) <= 30, "one screen"
     lines = _lines(out.stdout)
-    assert lines["torch"] == ("ok", f"{torch.__version__} (CPU build)")
+    # the test command's torch is sglang's CUDA build, which runs on this CPU: the doctor names its build
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
+    assert lines["torch"] == ("ok", f"{torch.__version__} ({build})")
     assert lines["transformers"] == ("ok", f"{importlib.metadata.version('transformers')} "
                                            f"({', '.join(doctor_checks.MODEL_CLASSES)} import)")
     assert lines["kernels"] == ("ok", f"{importlib.metadata.version('kernels')} (PyPI's, the one transformers and sglang "
