@@ -160,8 +160,9 @@ def _sglang_check(torch_version: str) -> Check:
         return Check("sglang", "fail", f"{version}; the adapter is checked against {SGLANG_PIN}",
                      f"pip install 'sglang=={SGLANG_PIN}'")
     if wrong:
-        return Check("sglang", "skip", f"{version}, installed without its pins (the engine will not start): "
-                     f"{'; '.join(wrong)}", "pip install -e '.[gpu]' (the tests' --no-deps install reads its source)")
+        return Check("sglang", "skip", f"{version}, installed without its pins (its GPU engine will not start): "
+                     f"{'; '.join(wrong)}", "pip install -e '.[gpu]' (the tests' --no-deps install runs its CPU "
+                     "engine: docs/gpu.md)")
     return Check("sglang", "ok", version)
 
 
