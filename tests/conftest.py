@@ -24,22 +24,29 @@ def whole(parts, batch, field: str = "hidden_states"):
     return out
 
 
-# One undisturbed run that the fault, signal and failure tests compare with (or continue from): the default
-# preset, 12 steps of 16 prompts, no evaluation between, a checkpoint every 4 steps.
-CALM_STEPS = 12
-CALM_ARGS = ("--set", f"train.steps={CALM_STEPS}", "--set", "train.eval_every=0", "--set", "train.save_every=4",
-             "--set", "train.prompts_per_step=16", "--set", "data.num_eval_prompts=16", "--set", "run.progress=false")
+# One undisturbed run that the fault, signal, failure and resume tests compare with (or continue from): the default
+# preset, 12 steps of 16 prompts, no evaluation between, a checkpoint every 4 steps. Credentials in its environment
+# (test_resume: none reaches the run directory or the console, kept beside it in calm.console).
+CALM_STEPS, CALM_SAVE_EVERY = 12, 4
+CALM_ARGS = ("--set", f"train.steps={CALM_STEPS}", "--set", "train.eval_every=0", "--set",
+             f"train.save_every={CALM_SAVE_EVERY}", "--set", "train.prompts_per_step=16", "--set",
+             "data.num_eval_prompts=16", "--set", "run.progress=false")
+SECRETS = {"HF_TOKEN": "hf_opdTestSecretA1b2C3d4E5f6", "HUGGING_FACE_HUB_TOKEN": "hf_opdTestSecretHubZ9y8X7",
+           "RAY_AUTH_TOKEN": "0123456789abcdef" * 4}
 
 
 @pytest.fixture(scope="session")
 def calm_run(root, tmp_path_factory) -> Path:
+    import os
     import subprocess
     import sys
 
     out = tmp_path_factory.mktemp("calm")
     done = subprocess.run([sys.executable, "driver.py", *CALM_ARGS, "--set", f"run.out_dir={out}", "--set",
-                           "run.name=calm"], cwd=root, capture_output=True, text=True, timeout=600)
+                           "run.name=calm"], cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **SECRETS})
     assert done.returncode == 0, done.stderr[-3000:]
+    (out / "calm.console").write_text(done.stdout + done.stderr)
     return out / "calm"
 
 

@@ -1,8 +1,9 @@
-"""Exact resume end to end on CPU: a run resumed from its step-3 checkpoint reproduces the uninterrupted run's
-steps 4..6 exactly; and no credential from the environment reaches a run directory or the console.
+"""Exact resume end to end on CPU: a run resumed from its step-8 checkpoint reproduces the uninterrupted run's
+steps 9..12 exactly; and no credential from the environment reaches a run directory or the console.
 
-Two driver runs in all (module fixture): the whole run, then a copy of it cut back to what a crash after step 5
-leaves (checkpoint 3, records of steps 4 and 5 and a torn line, a half-written checkpoint), resumed."""
+The uninterrupted run is the session's (conftest.calm_run: 12 steps, a checkpoint every 4, credentials in its
+environment); one driver run here: a copy of it cut back to what a crash after step 11 leaves (checkpoint 8,
+records of steps 9-11 and a torn line, a half-written checkpoint 12), resumed."""
 
 import json
 import os
@@ -12,13 +13,11 @@ import sys
 
 import pytest
 
+from conftest import CALM_SAVE_EVERY, CALM_STEPS, SECRETS
 from opd import checkpoint
 from opd.metrics import read_jsonl
 
-SECRETS = {"HF_TOKEN": "hf_opdTestSecretA1b2C3d4E5f6", "HUGGING_FACE_HUB_TOKEN": "hf_opdTestSecretHubZ9y8X7",
-           "RAY_AUTH_TOKEN": "0123456789abcdef" * 4}
-SETTINGS = ["train.steps=6", "train.save_every=3", "train.eval_every=0", "train.prompts_per_step=8",
-            "data.num_eval_prompts=16", "run.progress=false"]
+LAST, KEPT = CALM_STEPS, CALM_STEPS - CALM_SAVE_EVERY  # the final checkpoint, and the one the crash left
 NOT_COMPARED = ("timing/", "throughput/", "memory/")  # wall-clock and allocator readings
 
 
@@ -30,20 +29,18 @@ def _driver(root, *args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def runs(root, tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("runs")
-    sets = [a for s in SETTINGS + [f"run.out_dir={out_dir}", "run.name=whole"] for a in ("--set", s)]
-    outputs = [_driver(root, *sets)]
-    whole, cut = out_dir / "whole", out_dir / "cut"
+def runs(root, calm_run, tmp_path_factory):
+    whole, cut = calm_run, tmp_path_factory.mktemp("resume") / "cut"
     shutil.copytree(whole, cut)
-    shutil.rmtree(cut / "checkpoints" / "step_6")
-    shutil.copytree(whole / "checkpoints" / "step_6", cut / "checkpoints" / ".step_6.tmp-crashed")  # half written
-    (cut / "checkpoints" / ".step_6.tmp-crashed" / checkpoint.MANIFEST).unlink()
+    shutil.rmtree(cut / "checkpoints" / f"step_{LAST}")
+    half = cut / "checkpoints" / f".step_{LAST}.tmp-crashed"  # half written
+    shutil.copytree(whole / "checkpoints" / f"step_{LAST}", half)
+    (half / checkpoint.MANIFEST).unlink()
     metrics = (cut / "metrics.jsonl").read_text().splitlines(keepends=True)
-    (cut / "metrics.jsonl").write_text("".join(metrics[:5]) + metrics[5][:40])  # steps 1-5, step 6 torn
+    (cut / "metrics.jsonl").write_text("".join(metrics[:LAST - 1]) + metrics[LAST - 1][:40])  # the last one torn
     (cut / "eval.jsonl").write_text((whole / "eval.jsonl").read_text().splitlines(keepends=True)[0])
-    outputs.append(_driver(root, "--resume", str(cut), "--set", "run.progress=false"))
-    return whole, cut, outputs
+    console = (whole.parent / "calm.console").read_text()
+    return whole, cut, [console, _driver(root, "--resume", str(cut), "--set", "run.progress=false")]
 
 
 def _compared(row: dict) -> dict:
@@ -53,25 +50,26 @@ def _compared(row: dict) -> dict:
 def test_resumed_run_reproduces_the_uninterrupted_run(runs):
     whole, cut, _ = runs
     expected, got = read_jsonl(whole / "metrics.jsonl"), read_jsonl(cut / "metrics.jsonl")
-    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]  # one run: steps 4-5 of the crashed one were dropped
-    assert expected[3]["loss"] != expected[4]["loss"]  # the steps differ, so equality below means something
-    for want, have in zip(expected[3:], got[3:], strict=True):
+    assert [r["step"] for r in got] == list(range(1, LAST + 1))  # one run: steps 9-11 of the crashed one dropped
+    assert expected[KEPT]["loss"] != expected[KEPT + 1]["loss"]  # the steps differ: equality below means something
+    for want, have in zip(expected[KEPT:], got[KEPT:], strict=True):
         differ = {k: (want[k], have.get(k)) for k in _compared(want) if have.get(k) != want[k]}
         assert not differ, f"step {want['step']}: {differ}"
-    assert [r["step"] for r in read_jsonl(cut / "eval.jsonl")] == [0, 6]
+    assert [r["step"] for r in read_jsonl(cut / "eval.jsonl")] == [0, LAST]
     assert _compared(read_jsonl(cut / "eval.jsonl")[-1]) == _compared(read_jsonl(whole / "eval.jsonl")[-1])
 
 
 def test_final_checkpoints_are_identical_and_leftovers_are_gone(runs):
     whole, cut, _ = runs
-    assert [s for s, _ in checkpoint.complete(whole)] == [3, 6]  # train.keep_checkpoints=2
-    assert [s for s, _ in checkpoint.complete(cut)] == [3, 6]
+    assert [s for s, _ in checkpoint.complete(whole)] == [KEPT, LAST]  # train.keep_checkpoints=2
+    assert [s for s, _ in checkpoint.complete(cut)] == [KEPT, LAST]
     assert not list((cut / "checkpoints").glob(".step_*"))  # the half-written checkpoint was cleaned up
-    want, have = (checkpoint.verify(checkpoint.step_dir(d, 6)) for d in (whole, cut))
+    want, have = (checkpoint.verify(checkpoint.step_dir(d, LAST)) for d in (whole, cut))
     for name in ("model.safetensors", "trainer_state.pt"):  # weights, optimizer, scheduler, RNG: bit for bit
         assert have[name]["sha256"] == want[name]["sha256"], name
-    state = checkpoint.read_run_state(checkpoint.step_dir(cut, 6))
-    assert state["step"] == 6 and state["data"] == checkpoint.read_run_state(checkpoint.step_dir(whole, 6))["data"]
+    state = checkpoint.read_run_state(checkpoint.step_dir(cut, LAST))
+    assert state["step"] == LAST
+    assert state["data"] == checkpoint.read_run_state(checkpoint.step_dir(whole, LAST))["data"]
     config = json.loads((cut / "config.json").read_text())
     assert config["run"]["resume"] == str(cut) and config["run"]["name"] == "cut"
 
@@ -85,6 +83,8 @@ def test_no_credential_reaches_the_run_directory_or_the_console(runs):
                 data = f.read_bytes()
                 leaks += [(str(f), k) for k, v in SECRETS.items() if v.encode() in data]
     for out in outputs:
-        leaks += [("console", k) for k, v in SECRETS.items() if v in out.stdout + out.stderr]
+        text = out if isinstance(out, str) else out.stdout + out.stderr
+        leaks += [("console", k) for k, v in SECRETS.items() if v in text]
     assert not leaks
-    assert (whole / "config.json").is_file() and (whole / "checkpoints" / "step_6" / "trainer_state.pt").is_file()
+    assert "run directory:" in outputs[0] and "run directory:" in outputs[1].stdout  # the consoles were read
+    assert (whole / "config.json").is_file() and (whole / "checkpoints" / f"step_{LAST}" / "trainer_state.pt").is_file()
