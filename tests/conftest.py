@@ -24,6 +24,23 @@ def whole(parts, batch, field: str = "hidden_states"):
     return out
 
 
+@pytest.fixture(scope="session")
+def pypi_kernels(root):
+    """PyPI's `kernels` is installed, and from the project's root `import kernels` finds it, not a folder of ours."""
+    import importlib.metadata
+    import subprocess
+
+    from opd.programs.doctor_checks import is_pypi_kernels
+
+    version = importlib.metadata.version("kernels")  # PackageNotFoundError: the test extra did not install it
+    where = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"], cwd=root,
+                           capture_output=True, text=True, timeout=120)
+    assert where.returncode == 0, where.stderr
+    assert is_pypi_kernels(where.stdout.strip()), \
+        f"`import kernels` from the project root finds {where.stdout.strip()}, not PyPI kernels {version}"
+    return version
+
+
 # One undisturbed run that the fault, signal, failure and resume tests compare with (or continue from): the default
 # preset, 12 steps of 16 prompts, no evaluation between, a checkpoint every 4 steps. Credentials in its environment
 # (test_resume: none reaches the run directory or the console, kept beside it in calm.console).

@@ -27,8 +27,9 @@ def _run(root, tmp_path, *overrides, name="run"):
 
 
 @pytest.mark.slow
-def test_teacher_equal_to_student_is_a_zero_kl_run(root, tmp_path):
-    """Canary: with the student as its own teacher every KL is ~0 (the run also checks all its outputs)."""
+def test_teacher_equal_to_student_is_a_zero_kl_run(root, tmp_path, pypi_kernels):
+    """Canary: with the student as its own teacher every KL is ~0 (the run also checks all its outputs). Run as
+    typed from the project's root beside PyPI `kernels` (test_packaging: the collision it once had)."""
     run_dir, stdout = _run(root, tmp_path, "--set", "model.teacher=assets/toy/student")
     steps = read_jsonl(run_dir / "metrics.jsonl")
     evals = read_jsonl(run_dir / "eval.jsonl")

@@ -17,7 +17,7 @@ from opd.presets import tiny_cpu
 
 
 @pytest.mark.slow
-def test_a_run_with_all_three_trackers(root, tmp_path, monkeypatch):
+def test_a_run_with_all_three_trackers(root, tmp_path, monkeypatch, pypi_kernels):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_TRACKING_URI": "",
            "WANDB_PROJECT": "opd-test"}
     args = ["--set", "train.steps=3", "--set", "train.eval_every=2", "--set", "train.prompts_per_step=8",
