@@ -52,19 +52,22 @@ SECRETS = {"HF_TOKEN": "hf_opdTestSecretA1b2C3d4E5f6", "HUGGING_FACE_HUB_TOKEN":
            "RAY_AUTH_TOKEN": "0123456789abcdef" * 4}
 
 
-@pytest.fixture(scope="session")
-def calm_run(root, tmp_path_factory) -> Path:
+def _session_run(root, out: Path, name: str, *args: str, env: dict | None = None) -> Path:
+    """A driver run a session's tests share: `python driver.py ARGS` into out/name, which must succeed."""
     import os
     import subprocess
-    import sys
 
-    out = tmp_path_factory.mktemp("calm")
-    done = subprocess.run([sys.executable, "driver.py", *CALM_ARGS, "--set", f"run.out_dir={out}", "--set",
-                           "run.name=calm"], cwd=root, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **SECRETS})
-    assert done.returncode == 0, done.stderr[-3000:]
-    (out / "calm.console").write_text(done.stdout + done.stderr)
-    return out / "calm"
+    done = subprocess.run([sys.executable, "driver.py", *args, "--set", f"run.out_dir={out}", "--set",
+                           f"run.name={name}"], cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (out / f"{name}.console").write_text(done.stdout + done.stderr)
+    return out / name
+
+
+@pytest.fixture(scope="session")
+def calm_run(root, tmp_path_factory) -> Path:
+    return _session_run(root, tmp_path_factory.mktemp("calm"), "calm", *CALM_ARGS, env=SECRETS)
 
 
 # A short run of the default preset with a strong teacher and another loss (test_driver: the student moves) whose
@@ -75,15 +78,8 @@ SHORT_ARGS = ("--set", "train.steps=3", "--set", "train.eval_every=2", "--set", 
 
 @pytest.fixture(scope="session")
 def short_run(root, tmp_path_factory) -> Path:
-    import subprocess
-    import sys
-
-    out = tmp_path_factory.mktemp("short")
-    done = subprocess.run([sys.executable, "driver.py", *SHORT_ARGS, "--set", "loss.kind=fkl", "--set",
-                           "learner.lr=3e-3", "--set", f"run.out_dir={out}", "--set", "run.name=short"],
-                          cwd=root, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return out / "short"
+    return _session_run(root, tmp_path_factory.mktemp("short"), "short", *SHORT_ARGS, "--set", "loss.kind=fkl",
+                        "--set", "learner.lr=3e-3")
 
 
 def toy_states(root, batch, pad_id: int):
